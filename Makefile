@@ -1,0 +1,31 @@
+# `make demo` and `make test` each create .venv and install the project when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev,plot,slurm]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+demo: $(STAMP)
+	$(VENV)/bin/domadapt sweep --dataset styledigits --preset styledigits --tasks all \
+	    --methods source-only,dann --norms bn,bin --seeds 0 --multidomain \
+	    --out runs/styledigits-demo --results results/styledigits
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check domadapt cli tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_bin.py
+
+clean:
+	rm -rf $(VENV) runs

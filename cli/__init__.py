@@ -1,0 +1,1 @@
+"""The typer command-line app. Thin: it parses options and calls domadapt."""

@@ -1,0 +1,3 @@
+"""domadapt: domain adaptation with Batch-Instance Normalization (BIN) and DANN."""
+
+__version__ = "0.1.0"

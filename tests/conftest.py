@@ -1,0 +1,36 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PACS_ROOT = SHARED / "data" / "pacs"
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the real entry point (with its error handling); return (exit code, stdout, stderr)."""
+    from cli.main import main
+
+    def _run(*args: str) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
+
+
+needs_pacs = pytest.mark.skipif(not PACS_ROOT.is_dir(), reason="../shared/data/pacs not present")
+needs_mobilenet = pytest.mark.skipif(not MOBILENET_WEIGHTS.is_file(), reason="shared weights missing")
