@@ -13,6 +13,8 @@ PACS_ROOT = SHARED / "data" / "pacs"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Generated datasets (styledigits) go to a repo-local cache shared by all test workers.
+os.environ.setdefault("DOMADAPT_CACHE", str(REPO / ".cache" / "tests"))
 
 
 @pytest.fixture

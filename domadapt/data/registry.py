@@ -1,0 +1,297 @@
+"""Dataset descriptors: domains (full and short names), classes, expected counts, root lookup.
+
+Every dataset lives on disk as ``<root>/<domain>/<class>/<image>``. A descriptor either fixes
+its domains and classes (``officehome``, ``pacs``, ``styledigits``) or discovers them from the
+root (``folder``: every sub-folder of the root is a domain, every sub-sub-folder a class; hidden
+folders and the reserved ``manifests/`` folder are skipped). Labels are indices into the sorted
+class list. Domain names are accepted by full or short name, case-insensitively.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from domadapt.data import styledigits
+from domadapt.errors import UserError
+
+MANIFEST_DIRNAME = "manifests"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One domain: its canonical (folder) name, short name and expected image count."""
+
+    name: str
+    short: str
+    expected: int | None = None
+    aliases: tuple[str, ...] = ()  # other folder names accepted on disk, e.g. "Real World"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset descriptor. `domains`/`classes` of None mean: discovered from the root."""
+
+    name: str
+    description: str
+    domains: tuple[Domain, ...] | None = None
+    classes: tuple[str, ...] | None = None
+    hflip: bool = True  # whether horizontal flips are label-preserving (not for digits)
+    materialize: Callable[[], Path] | None = None  # builds the data on demand, returns its root
+
+    # -- domains ---------------------------------------------------------------------------
+    def domain_list(self, root: str | Path | None) -> list[Domain]:
+        """The domains in canonical order (discovered from `root` for `folder`)."""
+        if self.domains is not None:
+            return list(self.domains)
+        return _discover_domains(_need_root(self, root))
+
+    def domain_names(self, root: str | Path | None) -> list[str]:
+        return [d.name for d in self.domain_list(root)]
+
+    def domain(self, name: str, root: str | Path | None) -> Domain:
+        """The domain called `name` (full or short, any case); UserError if there is none."""
+        domains = self.domain_list(root)
+        key = name.strip().lower()
+        for attr in ("name", "short"):
+            for d in domains:
+                if getattr(d, attr).lower() == key:
+                    return d
+        choices = ", ".join(f"{d.name} ({d.short})" for d in domains)
+        raise UserError(f"unknown domain {name!r} for dataset {self.name}; choose from {choices}")
+
+    def resolve_domain(self, name: str, root: str | Path | None) -> str:
+        """Full name of the domain called `name` (full or short, any case)."""
+        return self.domain(name, root).name
+
+    def short_name(self, domain: str, root: str | Path | None) -> str:
+        return self.domain(domain, root).short
+
+    def tasks(self, root: str | Path | None) -> list[tuple[str, str]]:
+        """All ordered (source, target) pairs, source != target, in domain order."""
+        names = self.domain_names(root)
+        return [(s, t) for s in names for t in names if s != t]
+
+    def domain_dir(self, root: str | Path, domain: str) -> Path:
+        """The folder of `domain` under `root` (its name or an alias); UserError if missing."""
+        d = self.domain(domain, root)
+        for folder in (d.name, *d.aliases):
+            if (Path(root) / folder).is_dir():
+                return Path(root) / folder
+        raise UserError(f"missing domain folder: {Path(root) / d.name} (dataset {self.name})")
+
+    # -- classes ---------------------------------------------------------------------------
+    def class_names(self, root: str | Path | None) -> list[str]:
+        """Sorted class names; label i is class_names[i].
+
+        For `folder`, read from the root and checked to be identical in every domain.
+        """
+        if self.classes is not None:
+            return list(self.classes)
+        root = _need_root(self, root)
+        per_domain = {d.name: class_folders(root / d.name) for d in _discover_domains(root)}
+        union = sorted(set().union(*per_domain.values()))
+        for name, found in per_domain.items():
+            if missing := sorted(set(union) - set(found)):
+                raise UserError(
+                    f"class folders differ between domains: {root / name} lacks "
+                    f"{quote_few(missing)} (present in other domains)"
+                )
+        if not union:
+            raise UserError(f"no class folders in the domains of {root}")
+        return union
+
+
+def class_folders(domain_dir: Path) -> list[str]:
+    """Sorted names of the visible sub-folders of a domain folder."""
+    return sorted(p.name for p in domain_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def derive_short_names(names: list[str]) -> list[str]:
+    """Shortest case-insensitively unique prefixes, first letter upper-cased (Art -> A)."""
+    lowered = [n.lower() for n in names]
+    shorts = []
+    for i, n in enumerate(lowered):
+        k = 1
+        while k < len(n) and any(o[:k] == n[:k] for j, o in enumerate(lowered) if j != i):
+            k += 1
+        s = names[i][:k]
+        shorts.append(s[:1].upper() + s[1:])
+    return shorts
+
+
+def _discover_domains(root: Path) -> list[Domain]:
+    names = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name != MANIFEST_DIRNAME
+    )
+    if not names:
+        raise UserError(f"no domain folders in {root}")
+    seen: dict[str, str] = {}
+    for n in names:
+        if n.lower() in seen:
+            raise UserError(
+                f"domain folders differ only by case: {root / seen[n.lower()]} and {root / n}"
+            )
+        seen[n.lower()] = n
+    return [Domain(n, s) for n, s in zip(names, derive_short_names(names))]
+
+
+def _need_root(spec: DatasetSpec, root: str | Path | None) -> Path:
+    if root is None:
+        raise UserError(f"dataset {spec.name} needs --root (its domains are read from the folder)")
+    return Path(root)
+
+
+def quote_few(names: list[str], k: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _materialize_styledigits() -> Path:
+    return styledigits.ensure_styledigits(default_cache_dir())
+
+
+OFFICEHOME_CLASSES = (
+    "Alarm_Clock",
+    "Backpack",
+    "Batteries",
+    "Bed",
+    "Bike",
+    "Bottle",
+    "Bucket",
+    "Calculator",
+    "Calendar",
+    "Candles",
+    "Chair",
+    "Clipboards",
+    "Computer",
+    "Couch",
+    "Curtains",
+    "Desk_Lamp",
+    "Drill",
+    "Eraser",
+    "Exit_Sign",
+    "Fan",
+    "File_Cabinet",
+    "Flipflops",
+    "Flowers",
+    "Folder",
+    "Fork",
+    "Glasses",
+    "Hammer",
+    "Helmet",
+    "Kettle",
+    "Keyboard",
+    "Knives",
+    "Lamp_Shade",
+    "Laptop",
+    "Marker",
+    "Monitor",
+    "Mop",
+    "Mouse",
+    "Mug",
+    "Notebook",
+    "Oven",
+    "Pan",
+    "Paper_Clip",
+    "Pen",
+    "Pencil",
+    "Postit_Notes",
+    "Printer",
+    "Push_Pin",
+    "Radio",
+    "Refrigerator",
+    "Ruler",
+    "Scissors",
+    "Screwdriver",
+    "Shelf",
+    "Sink",
+    "Sneakers",
+    "Soda",
+    "Speaker",
+    "Spoon",
+    "TV",
+    "Table",
+    "Telephone",
+    "ToothBrush",
+    "Toys",
+    "Trash_Can",
+    "Webcam",
+)
+
+_DATASETS = (
+    DatasetSpec(
+        name="officehome",
+        description="Office-Home (Venkateswara et al., CVPR 2017): 65 office objects, 4 styles",
+        domains=(
+            Domain("Art", "Ar", 2427),
+            Domain("Clipart", "Cl", 4365),
+            Domain("Product", "Pr", 4439),
+            Domain("Real_World", "Rw", 4357, aliases=("Real World",)),
+        ),
+        classes=OFFICEHOME_CLASSES,
+    ),
+    DatasetSpec(
+        name="pacs",
+        description="PACS (Li et al., ICCV 2017): 7 classes in photo/art/cartoon/sketch style",
+        domains=(
+            Domain("art_painting", "A", 2048),
+            Domain("cartoon", "C", 2344),
+            Domain("photo", "P", 1670),
+            Domain("sketch", "S", 3929),
+        ),
+        classes=("dog", "elephant", "giraffe", "guitar", "horse", "house", "person"),
+    ),
+    DatasetSpec(
+        name="folder",
+        description="any <root>/<domain>/<class>/<image> tree (domains and classes from folders)",
+    ),
+    DatasetSpec(
+        name="styledigits",
+        description="embedded default: sklearn digits rendered in 4 styles, generated on demand",
+        domains=tuple(Domain(s.name, s.short, styledigits.NUM_IMAGES) for s in styledigits.STYLES),
+        classes=styledigits.CLASSES,
+        hflip=False,
+        materialize=_materialize_styledigits,
+    ),
+)
+
+
+def list_datasets() -> list[DatasetSpec]:
+    return list(_DATASETS)
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The descriptor called `name` (any case); UserError naming the choices otherwise."""
+    for spec in _DATASETS:
+        if spec.name == name.strip().lower():
+            return spec
+    raise UserError(f"unknown dataset {name!r}; choose from {', '.join(s.name for s in _DATASETS)}")
+
+
+def default_cache_dir() -> Path:
+    """`$DOMADAPT_CACHE`, else `$XDG_CACHE_HOME/domadapt`, else `~/.cache/domadapt`."""
+    if env := os.environ.get("DOMADAPT_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "domadapt"
+
+
+def resolve_root(spec: DatasetSpec, root: str | Path | None) -> Path:
+    """The dataset's root folder, absolute.
+
+    With `root=None` a generated dataset (styledigits) is built on demand in the cache folder;
+    any other dataset needs an existing `root`.
+    """
+    if root is None:
+        if spec.materialize is None:
+            raise UserError(f"dataset {spec.name} needs --root (the folder holding its domains)")
+        return spec.materialize()
+    path = Path(root).expanduser().absolute()
+    if not path.is_dir():
+        raise UserError(f"dataset root not found: {path}")
+    return path
