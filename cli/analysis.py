@@ -1,7 +1,89 @@
-"""`domadapt analysis` commands (placeholder until implemented)."""
+"""`domadapt gates | analyze | compare`: analysis of trained runs and sweeps (thin wrappers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
+
+RunDir = Annotated[Path, typer.Argument(help="A run directory (config.json, checkpoint.pt).",
+                                        show_default=False)]
+
+
+def gates(
+    run_dir: RunDir,
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder [default: RUN_DIR/analysis].")] = None,
+) -> None:
+    """BIN gates per normalization layer: gates.csv and gates.png.
+
+    Per layer in network order: depth, channels, mean rho, fractions < 0.1 and > 0.9, a
+    10-bin histogram over [0, 1]. Fails with one line for a run without BIN layers.
+    """
+    from domadapt.analysis.gates import HIGH, LOW
+    from domadapt.analysis.report import default_out, gates_report
+
+    _, totals = gates_report(run_dir, out)
+    where = default_out(run_dir, out)
+    typer.echo(f"{totals['layers']} BIN layers, {totals['channels']} gates: mean rho "
+               f"{totals['mean']:.3f}, {totals[f'frac_below_{LOW}']:.1%} < {LOW}, "
+               f"{totals[f'frac_above_{HIGH}']:.1%} > {HIGH}")
+    typer.echo(f"wrote {where / 'gates.csv'} and {where / 'gates.png'}")
+
+
+def analyze(
+    run_dir: RunDir,
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder [default: RUN_DIR/analysis].")] = None,
+    max_per_domain: Annotated[int | None, typer.Option(
+        help="Analyse at most N random images per domain [default: all].")] = None,
+    tsne_per_domain: Annotated[int, typer.Option(
+        help="Points per domain in the t-SNE figure.")] = 500,
+    root: Annotated[str | None, typer.Option(
+        help="Dataset root, if not where the run found it.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of subsampling, probe splits and t-SNE.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Proxy A-distance, t-SNE, per-class accuracy and confusion matrix of a trained run.
+
+    Transfer runs: the whole source and target domains, accuracy scored on the target.
+    Multi-domain runs: every domain's test split, A-distance for each pair of domains.
+    Writes adistance.json/.csv, tsne.png/.csv, confusion.csv/.png, per_class_acc.csv.
+    """
+    from domadapt.analysis.report import analyze_report
+    from domadapt.distributed import resolve_device
+
+    res = analyze_report(run_dir, out, max_per_domain=max_per_domain,
+                         tsne_per_domain=tsne_per_domain, root=root,
+                         device=str(resolve_device(device)), seed=seed, quiet=quiet)
+    for r in res.adistance.itertuples():
+        typer.echo(f"proxy A-distance {r.features:10s} {r.domain_a} vs {r.domain_b}: "
+                   f"{r.d_a:.3f} (probe error {r.err:.3f})")
+    for domain, acc in res.accuracy.items():
+        typer.echo(f"accuracy on {domain}: {acc:.2%}")
+    typer.echo(f"wrote {res.out_dir}")
+
+
+def compare(
+    sweep_dir: Annotated[Path, typer.Argument(
+        help="The sweep directory, or the folder its tables went to (--results).",
+        show_default=False)],
+) -> None:
+    """Figures of a sweep's comparison tables: transfer_table.png, multidomain_table.png.
+
+    Reads summary.csv (the numbers behind the tables; found in SWEEP_DIR or in the results
+    folder recorded in SWEEP_DIR/sweep.json) and writes the figures beside it.
+    """
+    from domadapt.analysis.report import compare_report
+
+    for path in compare_report(sweep_dir):
+        typer.echo(f"wrote {path}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+    app.command()(gates)
+    app.command()(analyze)
+    app.command()(compare)

@@ -1,0 +1,213 @@
+"""Figures for the analysis commands (matplotlib, an optional dependency).
+
+Figures are built with `matplotlib.figure.Figure` on an explicit Agg canvas: no pyplot, no
+global backend switch, so they render headless and leave a user's interactive backend alone.
+Every builder returns the Figure; `save_png` writes it atomically.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from domadapt.errors import UserError
+from domadapt.io import atomic_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+MISSING = "matplotlib is missing: pip install 'domadapt[plot]'"
+MAX_ANNOTATED_CLASSES = 20  # beyond this, confusion cells are not annotated with counts
+MAX_LEGEND_CLASSES = 20
+
+
+def require_matplotlib() -> None:
+    """UserError (one line, with the install command) unless matplotlib can be imported.
+    Reports call this before their heavy work, not after it."""
+    try:
+        for module in ("matplotlib.figure", "matplotlib.backends.backend_agg"):
+            importlib.import_module(module)
+    except ImportError:
+        raise UserError(MISSING) from None
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A Figure bound to a fresh Agg canvas (headless)."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
+    """Render `fig` to PNG at `path` (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "turbo"]
+    if n <= 20:
+        return [cmap(i) for i in range(n)]
+    return [cmap(x) for x in np.linspace(0.05, 0.95, n)]
+
+
+def gates_figure(values: Sequence[np.ndarray], layers: Sequence[str], title: str) -> Figure:
+    """Per BIN layer (x = depth in network order): every channel's rho as a jittered point, a box
+    (quartiles, median, whiskers at the 5th/95th percentiles) and the mean as a red diamond."""
+    n = len(values)
+    fig = new_figure(max(6.0, 0.28 * n + 2.5), 4.8)
+    ax = fig.add_subplot()
+    depth = np.arange(n)
+    rng = np.random.default_rng(0)
+    for d, rho in zip(depth, values):
+        alpha = float(np.clip(6.0 / np.sqrt(max(len(rho), 1)), 0.1, 0.6))  # wide layers: fainter
+        ax.scatter(d + rng.uniform(-0.25, 0.25, len(rho)), rho, s=6, alpha=alpha,
+                   color="tab:blue", linewidths=0)
+    ax.boxplot(list(values), positions=depth, widths=0.6, showfliers=False,
+               medianprops={"color": "black"}, whis=(5, 95))
+    means = [float(np.mean(v)) for v in values]
+    ax.plot(depth, means, color="tab:red", marker="D", markersize=4, linewidth=1,
+            label="mean ρ per layer")
+    for y in (0.1, 0.9):
+        ax.axhline(y, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlim(-0.7, n - 0.3)
+    ax.set_ylabel("gate ρ  (1 = batch norm, 0 = instance norm)")
+    if n <= 60:
+        ax.set_xticks(depth, [f"{d}  {name}" for d, name in zip(depth, layers)],
+                      rotation=90, fontsize=6)
+        ax.set_xlabel("BIN layer (depth, name)")
+    else:
+        ax.set_xlabel("BIN layer depth (network order)")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title)
+    return fig
+
+
+def tsne_figure(
+    xy: np.ndarray,
+    domain: np.ndarray,
+    domain_names: Sequence[str],
+    label: np.ndarray,
+    class_names: Sequence[str],
+    title: str,
+) -> Figure:
+    """Two panels of the same 2-D embedding: coloured by domain, and by class."""
+    fig = new_figure(12.0, 5.6)
+    ax_dom, ax_cls = fig.subplots(1, 2)
+    _scatter_groups(ax_dom, xy, domain, domain_names, legend=True)
+    ax_dom.set_title("coloured by domain")
+    _scatter_groups(ax_cls, xy, label, class_names, legend=len(class_names) <= MAX_LEGEND_CLASSES)
+    ax_cls.set_title("coloured by class")
+    for ax in (ax_dom, ax_cls):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("t-SNE 1")
+        ax.set_ylabel("t-SNE 2")
+    fig.suptitle(title)
+    return fig
+
+
+def _scatter_groups(ax: Axes, xy: np.ndarray, group: np.ndarray, names: Sequence[str],
+                    legend: bool) -> None:
+    for g, (name, color) in enumerate(zip(names, _colors(len(names)))):
+        sel = group == g
+        if sel.any():
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.7, color=color, linewidths=0,
+                       label=name)
+    if legend:
+        ax.legend(fontsize=7, markerscale=2.5, loc="best", frameon=False)
+
+
+def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """Row-normalised confusion matrix (colour = recall share), counts written when K <= 20."""
+    k = len(class_names)
+    size = max(5.0, 0.32 * k + 2.5)
+    fig = new_figure(size + 1.0, size)
+    ax = fig.add_subplot()
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class")
+    fontsize = 8 if k <= 12 else 6
+    ax.set_xticks(range(k), class_names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(k), class_names, fontsize=fontsize)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if k <= MAX_ANNOTATED_CLASSES:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=fontsize,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ax.set_title(title)
+    return fig
+
+
+def comparison_figure(stats: pd.DataFrame, title: str, ylabel: str) -> Figure:
+    """Accuracy per row (task or domain) for every column (method/norm): mean as a point,
+    +-1 std over seeds as an error bar (none for one seed); the last row (Avg) is shaded.
+
+    `stats`: one row per (row, column) with `mean`, `std`, in display order.
+    """
+    rows = list(dict.fromkeys(stats["row"]))
+    columns = list(dict.fromkeys(stats["column"]))
+    mean = stats.pivot(index="row", columns="column", values="mean").reindex(index=rows, columns=columns)
+    std = stats.pivot(index="row", columns="column", values="std").reindex(index=rows, columns=columns)
+    fig = new_figure(max(6.0, 0.45 * len(rows) * max(2, len(columns)) / 2 + 2.5), 4.8)
+    ax = fig.add_subplot()
+    x = np.arange(len(rows), dtype=np.float64)
+    width = 0.8 / len(columns)
+    styles = _column_styles(columns)
+    for j, column in enumerate(columns):
+        color, marker = styles[column]
+        xs = x - 0.4 + width * (j + 0.5)
+        ax.errorbar(xs, mean[column], yerr=std[column].fillna(0.0), fmt=marker, color=color,
+                    markersize=5, capsize=2.5, elinewidth=1, label=column)
+    avg = len(rows) - 1
+    ax.axvspan(avg - 0.5, avg + 0.5, color="gold", alpha=0.25, linewidth=0)
+    for j, column in enumerate(columns):  # the Avg values, written above their error bars
+        m, sd = mean.iloc[avg][column], std.iloc[avg][column]
+        if np.isfinite(m):
+            top = m + (sd if np.isfinite(sd) else 0.0)
+            ax.annotate(f"{m:.1f}", (x[avg] - 0.4 + width * (j + 0.5), top), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=6,
+                        color=styles[column][0])
+    ax.set_xticks(x, rows, rotation=45 if len(rows) > 8 else 0, ha="right" if len(rows) > 8 else "center")
+    ax.get_xticklabels()[avg].set_fontweight("bold")
+    for boundary in x[:-1] + 0.5:
+        ax.axvline(boundary, color="0.9", linewidth=0.6, zorder=0)
+    ax.set_xlim(-0.5, len(rows) - 0.5)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncols=min(4, len(columns)), loc="best")
+    ax.set_title(title)
+    return fig
+
+
+def _column_styles(columns: Sequence[str]) -> dict[str, tuple]:
+    """Colour by method (the part before '/'), light for BN and dark for BIN; marker by norm."""
+    from matplotlib import colormaps
+
+    families = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys"]
+    markers = {"bn": "o", "in": "^", "bin": "s"}
+    shades = {"bn": 0.5, "in": 0.7, "bin": 0.9}
+    methods = list(dict.fromkeys(c.split("/")[0] if "/" in c else "" for c in columns))
+    out = {}
+    for c in columns:
+        method, _, norm = c.rpartition("/")
+        cmap = colormaps[families[methods.index(method) % len(families)]]
+        out[c] = (cmap(shades.get(norm, 0.7)), markers.get(norm, "D"))
+    return out
