@@ -1,0 +1,190 @@
+"""Cost of a BIN layer versus a BN layer in one full training step (not a test).
+
+Times forward + backward + SGD step of torchvision ResNets on CPU with three norm layers:
+  bn     nn.BatchNorm2d (the baseline),
+  bin    domadapt's fused BatchInstanceNorm2d,
+  naive  BIN written the obvious way: full F.batch_norm and full F.instance_norm, mixed by rho.
+Repetitions are interleaved (bn, bin, naive, bn, ...) after a warm-up so that load from other
+processes hits every variant alike; medians and the ratios bin/bn and naive/bin are printed.
+Memory, two measures: "saved" = bytes autograd keeps from the forward pass for the backward
+(unique storages, parameters excluded; exact, allocator-independent), and "peak" = peak
+resident set (VmHWM, reset through /proc/self/clear_refs) during 3 steps of a fresh
+subprocess minus its resident set before them (includes gradients, momentum, temporaries and
+allocator caching; Linux only; ru_maxrss is no use here: it survives fork + exec).
+
+    .venv/bin/python benchmarks/bench_bin.py --nets resnet18,resnet50 --reps 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from domadapt.nn import BatchInstanceNorm2d, convert_norm
+
+VARIANTS = ("bn", "bin", "naive")
+
+
+class NaiveBIN(BatchInstanceNorm2d):
+    """Reference BIN: two full normalisations, then the mix (autograd does the backward)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        x_b = F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training,
+                           self.momentum, self.eps)
+        x_i = F.instance_norm(x, eps=self.eps)
+        rho = self.rho[:, None, None]
+        return self.weight[:, None, None] * (rho * x_b + (1 - rho) * x_i) + self.bias[:, None, None]
+
+
+def build(net: str, variant: str, channels_last: bool) -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, net)(weights=None, num_classes=10)
+    if variant != "bn":
+        convert_norm(model, "bin")
+        for name, module in list(model.named_modules()):
+            for child_name, child in module.named_children():
+                if isinstance(child, BatchInstanceNorm2d):
+                    with torch.no_grad():
+                        child.rho.uniform_(0.2, 0.8)
+                    if variant == "naive":
+                        naive = NaiveBIN(child.num_features, child.eps, child.momentum)
+                        naive.load_state_dict(child.state_dict())
+                        setattr(module, child_name, naive)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.train()
+
+
+def make_step(model: nn.Module, batch: int, size: int, channels_last: bool):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=g)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def time_nets(args: argparse.Namespace) -> None:
+    for net in args.nets:
+        models = {v: build(net, v, args.channels_last) for v in VARIANTS}
+        steps = {v: make_step(models[v], args.batch, args.size, args.channels_last)
+                 for v in VARIANTS}
+        for _ in range(args.warmup):
+            for v in VARIANTS:
+                steps[v]()
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(args.reps):
+            for v in VARIANTS:
+                t0 = time.perf_counter()
+                steps[v]()
+                times[v].append(time.perf_counter() - t0)
+        med = {v: statistics.median(times[v]) * 1e3 for v in VARIANTS}
+        saved = {v: saved_activations_mib(models[v], args.batch, args.size, args.channels_last)
+                 for v in VARIANTS}
+        peak = {v: peak_memory(net, v, args) for v in VARIANTS} if args.memory else {}
+        print(f"{net}: batch {args.batch}, {args.size}px, {args.reps} interleaved reps, "
+              f"{torch.get_num_threads()} thread(s), "
+              f"{'channels_last' if args.channels_last else 'contiguous'}")
+        for v in VARIANTS:
+            line = (f"  {v:6s} median {med[v]:8.1f} ms (min {min(times[v]) * 1e3:8.1f})"
+                    f"  saved {saved[v]:7.1f} MiB")
+            print(line + (f"  peak {peak[v]:7.1f} MiB" if peak else ""))
+        print(f"  time   bin/bn {med['bin'] / med['bn']:.3f}   naive/bin {med['naive'] / med['bin']:.3f}")
+        print(f"  saved  bin/bn {saved['bin'] / saved['bn']:.3f}   "
+              f"naive/bin {saved['naive'] / saved['bin']:.3f}")
+        if peak:
+            print(f"  peak   bin/bn {peak['bin'] / peak['bn']:.3f}   "
+                  f"naive/bin {peak['naive'] / peak['bin']:.3f}")
+        sys.stdout.flush()
+
+
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(args: argparse.Namespace) -> None:
+    """Peak resident memory of 3 training steps above the resident memory before them."""
+    torch.set_num_threads(args.threads)
+    step = make_step(build(args.child_net, args.child_variant, args.channels_last), args.batch,
+                     args.size, args.channels_last)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident set
+    before = _proc_status_mib("VmRSS")
+    for _ in range(3):
+        step()
+    print(json.dumps({"peak_extra_mib": _proc_status_mib("VmHWM") - before}))
+
+
+def peak_memory(net: str, variant: str, args: argparse.Namespace) -> float:
+    cmd = [sys.executable, __file__, "--child-net", net, "--child-variant", variant,
+           "--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads)]
+    if args.channels_last:
+        cmd.append("--channels-last")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_extra_mib"]
+
+
+def saved_activations_mib(model: nn.Module, batch: int, size: int, channels_last: bool) -> float:
+    """Bytes autograd keeps for backward (unique storages, parameters excluded), in MiB."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randn(batch, 3, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    del out
+    return sum(storages.values()) / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nets", type=lambda s: s.split(","), default=["resnet18", "resnet50"])
+    p.add_argument("--reps", type=int, default=15, help="timed steps per variant, interleaved")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--child-net", help=argparse.SUPPRESS)
+    p.add_argument("--child-variant", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_net:
+        child(args)
+        return
+    torch.set_num_threads(args.threads)
+    time_nets(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Neural-network building blocks: BIN and norm conversion, DANN blocks, optimizer helpers."""
+
+from domadapt.nn.bin import (
+    NORM_KINDS,
+    BatchInstanceNorm2d,
+    batch_instance_norm,
+    convert_norm,
+    gate_parameters,
+    gate_values,
+    mean_gate,
+)
+from domadapt.nn.grl import GradientReversal, grad_reverse, grl_coefficient
+from domadapt.nn.heads import (
+    Bottleneck,
+    DomainDiscriminator,
+    domain_accuracy,
+    domain_adversarial_loss,
+)
+from domadapt.nn.optim import (
+    attach_gate_clamp,
+    build_sgd,
+    gate_groups,
+    lr_factor,
+    param_groups,
+    set_lr,
+)
+
+__all__ = [
+    "NORM_KINDS",
+    "BatchInstanceNorm2d",
+    "Bottleneck",
+    "DomainDiscriminator",
+    "GradientReversal",
+    "attach_gate_clamp",
+    "batch_instance_norm",
+    "build_sgd",
+    "convert_norm",
+    "domain_accuracy",
+    "domain_adversarial_loss",
+    "gate_groups",
+    "gate_parameters",
+    "gate_values",
+    "grad_reverse",
+    "grl_coefficient",
+    "lr_factor",
+    "mean_gate",
+    "param_groups",
+    "set_lr",
+]

@@ -1,0 +1,396 @@
+"""BatchInstanceNorm2d, convert_norm, gate helpers, gate parameter groups and clamp."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from domadapt.errors import UserError
+from domadapt.nn import (
+    BatchInstanceNorm2d,
+    attach_gate_clamp,
+    batch_instance_norm,
+    build_sgd,
+    convert_norm,
+    gate_parameters,
+    gate_values,
+    mean_gate,
+    param_groups,
+)
+
+C = 5
+
+
+class ReferenceBIN(nn.Module):
+    """BIN written from the paper: full BN and full IN, mixed by rho (autograd backward)."""
+
+    def __init__(self, bin_layer: BatchInstanceNorm2d) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(bin_layer.weight.detach().clone())
+        self.bias = nn.Parameter(bin_layer.bias.detach().clone())
+        self.rho = nn.Parameter(bin_layer.rho.detach().clone())
+        self.running_mean = bin_layer.running_mean.clone()
+        self.running_var = bin_layer.running_var.clone()
+        self.momentum, self.eps = bin_layer.momentum, bin_layer.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_b = F.batch_norm(x, self.running_mean, self.running_var, None, None, self.training,
+                           self.momentum, self.eps)
+        x_i = F.instance_norm(x, eps=self.eps)
+        rho, w, b = (t[:, None, None] for t in (self.rho, self.weight, self.bias))
+        return w * (rho * x_b + (1 - rho) * x_i) + b
+
+
+def random_bin(dtype: torch.dtype = torch.float64, momentum: float | None = 0.1) -> BatchInstanceNorm2d:
+    layer = BatchInstanceNorm2d(C, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        layer.rho.uniform_(0.05, 0.95)
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    return layer
+
+
+def batch(seed: int, dtype: torch.dtype, channels_last: bool = False, shape=(4, C, 6, 7)) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Non-zero, sample- and channel-dependent means and scales: BN and IN statistics differ.
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * torch.rand(
+        shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64).add(0.5) + torch.randn(
+        shape[0], shape[1], 1, 1, generator=g, dtype=torch.float64)
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def tols(dtype: torch.dtype) -> dict[str, float]:
+    return {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 2e-5}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_reference(training: bool, dtype: torch.dtype, channels_last: bool) -> None:
+    """Outputs, all gradients and running statistics over several steps equal the reference."""
+    fused = random_bin(dtype).train(training)
+    ref = ReferenceBIN(fused).train(training)
+    for step in range(3):
+        x = batch(step, dtype, channels_last).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = fused(x), ref(x_ref)
+        torch.testing.assert_close(y, y_ref, **tols(dtype))
+        assert y.dtype == dtype
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [x, fused.rho, fused.weight, fused.bias], g)
+        grads_ref = torch.autograd.grad(y_ref, [x_ref, ref.rho, ref.weight, ref.bias], g)
+        for name, a, b in zip(("x", "rho", "weight", "bias"), grads, grads_ref):
+            torch.testing.assert_close(a, b, **tols(dtype), msg=lambda m, n=name: f"d{n}: {m}")
+        assert grads[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(fused.running_mean, ref.running_mean, **tols(dtype))
+    torch.testing.assert_close(fused.running_var, ref.running_var, **tols(dtype))
+    assert fused.num_batches_tracked.item() == (3 if training else 0)
+
+
+def rho_extreme(value: float, momentum: float | None = 0.1) -> tuple[BatchInstanceNorm2d, nn.BatchNorm2d]:
+    layer = random_bin(torch.float64, momentum)
+    with torch.no_grad():
+        layer.rho.fill_(value)
+    bn = nn.BatchNorm2d(C, momentum=momentum).double()
+    bn.load_state_dict(layer.state_dict(), strict=False)
+    return layer, bn
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_rho_one_is_batchnorm(training: bool, momentum: float | None) -> None:
+    layer, bn = rho_extreme(1.0, momentum)
+    layer.train(training), bn.train(training)
+    for step in range(3):
+        x = batch(step, torch.float64).requires_grad_()
+        y, y_bn = layer(x), bn(x)
+        torch.testing.assert_close(y, y_bn, rtol=1e-9, atol=1e-10)
+        g = torch.randn_like(y)
+        gx, gw, gb = torch.autograd.grad(y, [x, layer.weight, layer.bias], g)
+        gx_bn, gw_bn, gb_bn = torch.autograd.grad(y_bn, [x, bn.weight, bn.bias], g)
+        for a, b in ((gx, gx_bn), (gw, gw_bn), (gb, gb_bn)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(layer, name), getattr(bn, name), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_rho_zero_is_instance_norm(training: bool) -> None:
+    layer, _ = rho_extreme(0.0)
+    layer.train(training)
+    x = batch(0, torch.float64)
+    expected = F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("mode", ["train", "eval", "no-running-stats"])
+def test_gradcheck(mode: str, channels_last: bool) -> None:
+    layer = random_bin(torch.float64)
+    x = batch(0, torch.float64, channels_last, shape=(3, C, 3, 4)).requires_grad_()
+    running = mode != "no-running-stats"
+
+    def f(x: Tensor, rho: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        rm = layer.running_mean.clone() if running else None
+        rv = layer.running_var.clone() if running else None
+        return batch_instance_norm(x, rho, rm, rv, w, b, mode == "train", 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(f, (x, layer.rho, layer.weight, layer.bias))
+
+
+def test_autocast_bfloat16() -> None:
+    """Under CPU autocast: output in the (bf16) input dtype, statistics and grads in float32."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, C, 3)
+    layer = random_bin(torch.float32)
+    ref = ReferenceBIN(layer)  # float32 copy, before the step
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        y = layer(h)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    assert layer.running_mean.dtype == layer.running_var.dtype == torch.float32
+    y.float().square().mean().backward()
+    assert layer.rho.grad.dtype == torch.float32 and torch.isfinite(layer.rho.grad).all()
+    assert torch.isfinite(conv.weight.grad).all()
+    # Same statistics as float32 on the same (bf16-rounded) input.
+    y_ref = ref(h.detach().float())
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+
+
+def test_state_dict_compatible_with_batchnorm() -> None:
+    bn = nn.BatchNorm2d(C).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(), bn.running_mean.normal_()
+    bn.num_batches_tracked.fill_(7)
+    layer = BatchInstanceNorm2d(C).double()
+    layer.load_state_dict(bn.state_dict())  # strict: rho is the only extra entry and keeps 1
+    assert torch.equal(layer.rho, torch.ones(C, dtype=torch.float64))
+    assert layer.num_batches_tracked.item() == 7
+    x = batch(0, torch.float64)
+    torch.testing.assert_close(layer.eval()(x), bn.eval()(x))
+    keys = set(layer.state_dict())
+    assert keys == set(bn.state_dict()) | {"rho"}
+    restored = BatchInstanceNorm2d(C).double()
+    with torch.no_grad():
+        layer.rho.fill_(0.25)
+    restored.load_state_dict(layer.state_dict())
+    assert torch.equal(restored.rho, layer.rho)
+
+
+def test_input_errors() -> None:
+    layer = BatchInstanceNorm2d(C)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        layer(torch.randn(1, C, 1, 1))
+    with pytest.raises(ValueError, match="4D"):
+        layer(torch.randn(2, C, 4))
+    layer.eval()(torch.randn(1, C, 1, 1))  # eval with running statistics is fine
+
+
+# --------------------------------------------------------------------------- convert_norm
+
+def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.num_batches_tracked.fill_(3)
+    return model
+
+
+def norm_types(model: nn.Module) -> set[type]:
+    return {type(m) for m in model.modules()
+            if isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d, BatchInstanceNorm2d))}
+
+
+def set_mode(model: nn.Module, training: bool) -> nn.Module:
+    """train/eval, with dropout always off so that two models see the same function."""
+    model.train(training)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_convert_bn_to_bin_keeps_outputs(arch: str, dtype: torch.dtype) -> None:
+    """rho = 1: same logits and running-stat updates as the BN network, in eval and train mode.
+
+    float64: equal to 1e-10 of the output scale. float32: within 1e-5 of the output scale,
+    or, where BN itself is less accurate than that (train mode, batch 2, deep ResNet: the
+    normalisation amplifies rounding), no further from the float64 BN than 2x BN's own error.
+    """
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=7)
+    bn_model = randomise_norms(model).to(dtype)
+    exact_model = copy.deepcopy(bn_model).double()
+    bin_model = convert_norm(copy.deepcopy(bn_model), "bin")
+    assert norm_types(bin_model) == {BatchInstanceNorm2d}
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in bn_model.modules())
+    assert len(gate_values(bin_model)) == n_bn
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    with torch.no_grad():
+        for training in (False, True):
+            expected = set_mode(bn_model, training)(x)
+            actual = set_mode(bin_model, training)(x)
+            scale = max(1.0, expected.abs().max().item())
+            if dtype == torch.float64:
+                assert (actual - expected).abs().max().item() <= 1e-10 * scale
+                continue
+            exact = set_mode(exact_model, training)(x.double())
+            bn_error = (expected.double() - exact).abs().max().item()
+            bin_error = (actual.double() - exact).abs().max().item()
+            close = (actual - expected).abs().max().item() <= 1e-5 * scale
+            assert close or bin_error <= 2 * bn_error, (training, bin_error, bn_error)
+    # train mode updated the running statistics alike
+    bn_layers = [m for m in bn_model.modules() if isinstance(m, nn.BatchNorm2d)]
+    bin_layers = [m for m in bin_model.modules() if isinstance(m, BatchInstanceNorm2d)]
+    for a, b in zip(bn_layers, bin_layers):
+        torch.testing.assert_close(b.running_mean, a.running_mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.running_var, a.running_var, rtol=1e-4, atol=1e-5)
+        assert b.num_batches_tracked.item() == a.num_batches_tracked.item() == 4
+
+
+def test_convert_round_trip_and_instance_norm() -> None:
+    torch.manual_seed(0)
+    model = randomise_norms(torchvision.models.resnet18(weights=None, num_classes=3)).double()
+    model.layer1[0].bn1.weight.requires_grad_(False)
+    original = copy.deepcopy(model.state_dict())
+    assert convert_norm(model, "bin") is model
+    assert model.layer1[0].bn1.rho.dtype == torch.float64
+    assert not model.layer1[0].bn1.weight.requires_grad
+    convert_norm(model.eval(), "bn")
+    assert norm_types(model) == {nn.BatchNorm2d} and not model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, original[key]), key
+
+    # "in" equals BIN with every gate at 0, in train and eval mode
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    as_bin = convert_norm(copy.deepcopy(model), "bin")
+    for rho in gate_parameters(as_bin):
+        rho.data.zero_()
+    as_in = convert_norm(copy.deepcopy(model), "in")
+    assert norm_types(as_in) == {nn.InstanceNorm2d}
+    assert as_in.bn1.affine and torch.equal(as_in.bn1.weight, model.bn1.weight)
+    with torch.no_grad():
+        for training in (False, True):
+            as_bin.train(training), as_in.train(training)
+            torch.testing.assert_close(as_in(x), as_bin(x))
+
+
+def test_convert_unknown_kind_and_bare_layer() -> None:
+    with pytest.raises(UserError, match="unknown norm 'gn'"):
+        convert_norm(nn.Sequential(nn.BatchNorm2d(3)), "gn")
+    layer = convert_norm(nn.BatchNorm2d(3), "bin")
+    assert isinstance(layer, BatchInstanceNorm2d)
+
+
+def test_gate_helpers() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1),
+                          nn.BatchNorm2d(2))
+    assert mean_gate(model) is None and gate_values(model) == {}
+    convert_norm(model, "bin")
+    with torch.no_grad():
+        model[1].rho.copy_(torch.tensor([0.0, 0.5, 1.0, 0.5]))
+        model[4].rho.copy_(torch.tensor([0.0, 0.0]))
+    values = gate_values(model)
+    assert list(values) == ["1", "4"]
+    assert torch.equal(values["1"], model[1].rho.detach())
+    values["1"].fill_(9)  # a copy, not the parameter
+    assert model[1].rho.max().item() == 1.0
+    assert mean_gate(model) == pytest.approx(2.0 / 6.0)
+    assert [p is q for p, q in zip(gate_parameters(model), (model[1].rho, model[4].rho))] == [True] * 2
+
+
+# --------------------------------------------------------------------------- optimizer
+
+def tiny_bin_net() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    backbone = convert_norm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                                          nn.AdaptiveAvgPool2d(1), nn.Flatten()), "bin")
+    head = nn.Linear(8, 3)
+    return backbone, head
+
+
+def test_param_groups_gate_lr_and_decay() -> None:
+    backbone, head = tiny_bin_net()
+    head_with_gate = convert_norm(nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), "bin")
+    backbone[0].bias.requires_grad_(False)
+    groups = param_groups(backbone, [head, head_with_gate], lr=0.01, weight_decay=1e-3)
+    by_name = {g["name"]: g for g in groups}
+    assert set(by_name) == {"backbone", "backbone/gates", "heads", "heads/gates"}
+    assert by_name["backbone/gates"]["params"] == [backbone[1].rho]
+    assert by_name["heads/gates"]["params"] == [head_with_gate[1].rho]
+    expected = {"backbone": (0.1, 1e-3), "backbone/gates": (1.0, 0.0), "heads": (1.0, 1e-3),
+                "heads/gates": (10.0, 0.0)}
+    for name, (mult, wd) in expected.items():
+        g = by_name[name]
+        assert g["lr_mult"] == pytest.approx(mult) and g["lr"] == pytest.approx(0.01 * mult)
+        assert g["weight_decay"] == wd and g["is_gate"] == name.endswith("gates")
+    listed = [id(p) for g in groups for p in g["params"]]
+    trainable = [p for m in (backbone, head, head_with_gate) for p in m.parameters() if p.requires_grad]
+    assert sorted(listed) == sorted(id(p) for p in trainable)  # each trainable param once
+    opt = build_sgd(backbone, [head], lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    gate_group = next(g for g in opt.param_groups if g["is_gate"])
+    assert gate_group["weight_decay"] == 0.0 and gate_group["lr"] == pytest.approx(0.01)
+
+
+def gate_step(opt: torch.optim.Optimizer, backbone: nn.Module, head: nn.Module) -> None:
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    opt.zero_grad()
+    F.cross_entropy(head(backbone(x)), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()
+
+
+def test_clamp_keeps_gates_in_unit_interval() -> None:
+    backbone, head = tiny_bin_net()
+    with torch.no_grad():
+        backbone[1].rho.fill_(0.5)
+    hyper = {"lr": 1e3, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}
+    # Control: the same step without the clamp leaves [0, 1] ...
+    backbone_raw, head_raw = copy.deepcopy(backbone), copy.deepcopy(head)
+    plain = torch.optim.SGD(param_groups(backbone_raw, [head_raw], lr=1e3, weight_decay=0.0),
+                            **hyper)
+    gate_step(plain, backbone_raw, head_raw)
+    raw = backbone_raw[1].rho.detach()
+    assert ((raw < 0) | (raw > 1)).any()
+    # ... with it, the gates are exactly that step projected onto [0, 1].
+    opt = build_sgd(backbone, [head], **hyper)
+    attach_gate_clamp(opt)  # idempotent: still one hook
+    assert len(opt._optimizer_step_post_hooks) == 1
+    gate_step(opt, backbone, head)
+    assert torch.equal(backbone[1].rho.detach(), raw.clamp(0, 1))
+    for _ in range(3):
+        gate_step(opt, backbone, head)
+        rho = backbone[1].rho.detach()
+        assert rho.min() >= 0 and rho.max() <= 1
+
+
+def test_clamp_survives_load_state_dict() -> None:
+    backbone, head = tiny_bin_net()
+    opt = build_sgd(backbone, [head], lr=1e3, momentum=0.9, nesterov=False, weight_decay=0.0)
+    gate_step(opt, backbone, head)
+    state = copy.deepcopy(opt.state_dict())
+    with torch.no_grad():
+        backbone[1].rho.fill_(0.5)
+    opt.load_state_dict(state)
+    assert any(g["is_gate"] for g in opt.param_groups)
+    gate_step(opt, backbone, head)
+    rho = backbone[1].rho.detach()
+    assert rho.min() >= 0 and rho.max() <= 1 and ((rho == 0) | (rho == 1)).any()
