@@ -1,7 +1,172 @@
-"""`domadapt sweep` commands (placeholder until implemented)."""
+"""`domadapt sweep` (a grid of runs, resumable, tables after every cell) and `domadapt tables`."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
+from cli.train import (
+    Amp,
+    Backbone,
+    BackboneLr,
+    BatchSize,
+    BottleneckDim,
+    CkptEvery,
+    Device,
+    EvalEvery,
+    GateLr,
+    ImageSize,
+    Iters,
+    Lr,
+    Momentum,
+    Preset,
+    Pretrained,
+    Quiet,
+    ResizeSize,
+    Wd,
+    Workers,
+    _opt,
+)
+from domadapt.errors import UserError
+
+_G, _L = "Grid", "Launcher"
+
+SweepDataset = Annotated[str, _opt("--dataset", help="officehome | pacs | styledigits | folder",
+                                   panel=_G)]
+SweepOut = Annotated[Path, _opt("--out",
+                                help="sweep directory: runs/, sweep.json (re-run to resume)")]
+Root = Annotated[Path | None, _opt("--root", help="dataset folder (optional for styledigits)",
+                                   panel=_G)]
+Tasks = Annotated[str, _opt("--tasks", panel=_G,
+                            help="all (default) | S:T,S:T,... (full or short domain names)")]
+Methods = Annotated[str, _opt("--methods", help="comma list of source-only, dann (default: both)",
+                              panel=_G)]
+Norms = Annotated[str, _opt("--norms", help="comma list of bn, in, bin (default: bn,bin)",
+                            panel=_G)]
+Seeds = Annotated[str, _opt("--seeds", help="comma list of integers (default: 0)", panel=_G)]
+Multidomain = Annotated[bool, _opt("--multidomain/--no-multidomain", panel=_G,
+                                   help="also one multi-domain run per norm and seed")]
+Results = Annotated[Path | None, _opt("--results",
+                                      help="where the tables go (default: the sweep directory)")]
+AdvWeight = Annotated[float | None, _opt("--adv-weight", help="DANN loss weight",
+                                         panel="Optimization")]
+Launcher = Annotated[str, _opt("--launcher", panel=_L,
+                               help="local (default) | submitit (one Slurm job per cell)")]
+SweepWorkers = Annotated[int | None, _opt(
+    "--workers", panel=_L,
+    help="parallel worker processes for --launcher local (default: one per GPU, else one per "
+         "CPU core, each on one thread)")]
+Slurm = Annotated[list[str] | None, _opt(
+    "--slurm", panel=_L,
+    help="KEY=VALUE for submitit's update_parameters, e.g. slurm_partition=gpu (repeatable)")]
+
+
+SWEEP_HELP = (
+    "Run every (task, method, norm, seed) cell, each in OUT/runs/<name>-<config hash>.\n\n"
+    "Re-running skips finished cells and resumes unfinished ones from their checkpoint; "
+    "sweeps sharing OUT split the cells between them. The tables (runs.csv, summary.csv, "
+    "transfer_table.csv/.md, multidomain_table.csv/.md) are rebuilt after every finished cell."
+)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the top-level app."""
+    """Add `sweep` and `tables` to the top-level app."""
+
+    @app.command("sweep", help=SWEEP_HELP)
+    def sweep(
+        ctx: typer.Context, dataset: SweepDataset, out: SweepOut, root: Root = None,
+        tasks: Tasks = "all", methods: Methods = "source-only,dann", norms: Norms = "bn,bin",
+        seeds: Seeds = "0", multidomain: Multidomain = False, results: Results = None,
+        preset: Preset = None, backbone: Backbone = None, pretrained: Pretrained = None,
+        iters: Iters = None, batch_size: BatchSize = None, image_size: ImageSize = None,
+        resize_size: ResizeSize = None, lr: Lr = None, backbone_lr_mult: BackboneLr = None,
+        gate_lr_mult: GateLr = None, weight_decay: Wd = None, momentum: Momentum = None,
+        bottleneck_dim: BottleneckDim = None, adv_weight: AdvWeight = None,
+        eval_every: EvalEvery = None, checkpoint_every: CkptEvery = None,
+        num_workers: Workers = None, amp: Amp = None, launcher: Launcher = "local",
+        workers: SweepWorkers = None, slurm: Slurm = None, device: Device = "auto",
+        quiet: Quiet = False,
+    ) -> None:
+        """Run every cell of the grid (see SWEEP_HELP)."""
+        from domadapt.sweep import make_launcher, plan_sweep, run_sweep
+
+        train_options = {
+            "backbone": backbone, "pretrained": pretrained, "iters": iters,
+            "batch_size": batch_size, "image_size": image_size, "resize_size": resize_size,
+            "lr": lr, "backbone_lr_mult": backbone_lr_mult, "gate_lr_mult": gate_lr_mult,
+            "weight_decay": weight_decay, "momentum": momentum, "bottleneck_dim": bottleneck_dim,
+            "adv_weight": adv_weight, "eval_every": eval_every,
+            "checkpoint_every": checkpoint_every, "num_workers": num_workers, "amp": amp,
+        }
+        backend = make_launcher(launcher, workers=workers, device=device, sweep_dir=out,
+                                slurm=_key_values(slurm or [], "--slurm"))
+        plan = plan_sweep(
+            dataset=dataset, root=None if root is None else str(root), tasks=tasks,
+            methods=methods, norms=norms, seeds=seeds, multidomain=multidomain, preset=preset,
+            command=_command_line(ctx), **train_options,
+        )
+        try:
+            report = run_sweep(plan, out, backend, results_dir=results, device=device,
+                               quiet=quiet)
+        except KeyboardInterrupt:
+            typer.echo(f"interrupted; re-run the same command to resume {out}", err=True)
+            raise typer.Exit(130) from None
+        if not quiet:
+            typer.echo(f"{report.total} cells: {report.ran} ran, {report.skipped} were done, "
+                       f"{report.finished_elsewhere} finished by another sweep, "
+                       f"{len(report.failed)} failed; tables in {results or out}")
+        if report.failed:
+            first = report.failed[0]
+            raise UserError(f"{len(report.failed)} of {report.total} cells failed, first "
+                            f"{first.run_dir.name}: {first.error} (see "
+                            f"{first.run_dir}/error.txt); re-run to retry")
+
+    @app.command("tables")
+    def tables(
+        sweep_dir: Annotated[Path, typer.Argument(help="a sweep directory (with runs/)",
+                                                  show_default=False)],
+        out: Annotated[Path | None, _opt("--out",
+                                         help="where the tables go (default: SWEEP_DIR)")] = None,
+    ) -> None:
+        """Rebuild a sweep's tables from its run directories (also while it runs)."""
+        from domadapt.tables import write_tables
+
+        for path in write_tables(sweep_dir, out):
+            typer.echo(str(path))
+
+
+def _key_values(items: list[str], option: str) -> dict[str, Any]:
+    """`["a=1", "b=x"]` -> {"a": 1, "b": "x"}: ints and floats parsed, the rest kept as text."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{option}: {item!r} is not KEY=VALUE")
+        for cast in (int, float, str):
+            try:
+                parsed[key.strip()] = cast(value)
+                break
+            except ValueError:
+                continue
+    return parsed
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The command as typed, normalized: every option given on the command line, in order."""
+    words: list[str] = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if getattr(source, "name", None) != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False):
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                words += [param.opts[0], str(v)]
+        else:
+            words += [param.opts[0], str(value)]
+    return f"{ctx.command_path} {shlex.join(words)}"
