@@ -120,7 +120,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # From scratch, 300 iterations: lr 0.05 (0.01 learns too slowly), adversarial weight 0.3
     # (at 1.0 the reversed gradient swamps the untrained features and DANN+BN fails to fit
-    # the source on texture->sketch / sketch->gray). ~14 s per DANN run on one CPU core.
+    # the source on texture->sketch / sketch->gray). One CPU core: ~15 s per DANN run,
+    # ~9 s source-only, ~7 s multidomain (about half of it decoding and augmenting images).
     "styledigits": dict(
         dataset="styledigits", backbone="digitnet", pretrained="none", image_size=32,
         resize_size=36, iters=300, batch_size=32, lr=0.05, backbone_lr_mult=1.0,
