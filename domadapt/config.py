@@ -86,11 +86,11 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     def key(self) -> str:
@@ -114,20 +114,20 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 # Presets: named overrides of the defaults. `officehome` is the paper recipe itself.
 PRESETS: dict[str, dict[str, Any]] = {
     "officehome": {},
-    "pacs-cpu": dict(
-        dataset="pacs", backbone="mobilenet_v2", image_size=96, resize_size=112, iters=300,
-        batch_size=32, eval_every=100, checkpoint_every=100,
-    ),
+    "pacs-cpu": {
+        "dataset": "pacs", "backbone": "mobilenet_v2", "image_size": 96, "resize_size": 112, "iters": 300,
+        "batch_size": 32, "eval_every": 100, "checkpoint_every": 100,
+    },
     # From scratch, 300 iterations: lr 0.05 (0.01 learns too slowly), adversarial weight 0.3
     # (at 1.0 the reversed gradient swamps the untrained features and DANN+BN fails to fit
     # the source on texture->sketch / sketch->gray). One CPU core: ~15 s per DANN run,
     # ~9 s source-only, ~7 s multidomain (about half of it decoding and augmenting images).
-    "styledigits": dict(
-        dataset="styledigits", backbone="digitnet", pretrained="none", image_size=32,
-        resize_size=36, iters=300, batch_size=32, lr=0.05, backbone_lr_mult=1.0,
-        adv_weight=0.3, bottleneck_dim=128, disc_hidden=256, weight_decay=5e-4,
-        eval_every=150, checkpoint_every=150, num_workers=0,
-    ),
+    "styledigits": {
+        "dataset": "styledigits", "backbone": "digitnet", "pretrained": "none", "image_size": 32,
+        "resize_size": 36, "iters": 300, "batch_size": 32, "lr": 0.05, "backbone_lr_mult": 1.0,
+        "adv_weight": 0.3, "bottleneck_dim": 128, "disc_hidden": 256, "weight_decay": 5e-4,
+        "eval_every": 150, "checkpoint_every": 150, "num_workers": 0,
+    },
 }
 
 

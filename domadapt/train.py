@@ -70,7 +70,7 @@ from domadapt.errors import UserError
 from domadapt.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
 from domadapt.methods import build_method
 from domadapt.models import DomainAdaptModel, build_model
-from domadapt.nn import build_sgd, gate_values, mean_gate, set_lr
+from domadapt.nn import GATE_LOW, build_sgd, gate_fraction_below, mean_gate, set_lr
 from domadapt.progress import progress
 
 T = TypeVar("T")
@@ -80,7 +80,6 @@ METRICS_FILE = "metrics.json"
 LOG_FILE = "log.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-GATE_LOW = 0.1  # metrics report the fraction of BIN gates below this value
 
 
 class NonFiniteLoss(UserError):
@@ -179,16 +178,6 @@ def per_class_accuracy(preds: Tensor, labels: Tensor,
         mask = labels == i
         out[name] = accuracy(preds[mask], labels[mask]) if bool(mask.any()) else None
     return out
-
-
-def gate_summary(model: nn.Module) -> tuple[float | None, float | None]:
-    """(mean BIN gate, fraction of gate entries < GATE_LOW) over every channel of every BIN
-    layer; (None, None) without BIN."""
-    gates = list(gate_values(model).values())
-    if not gates:
-        return None, None
-    rho = torch.cat([g.float().flatten().cpu() for g in gates])
-    return mean_gate(model), float((rho < GATE_LOW).float().mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +383,7 @@ class Trainer:
             target = [scored["target"]]
         preds = torch.cat([p for p, _ in target])
         labels = torch.cat([y for _, y in target])
-        mean, frac_low = gate_summary(self.model)
+        mean, frac_low = mean_gate(self.model), gate_fraction_below(self.model)
         return {"acc": acc, "per_class": per_class_accuracy(preds, labels, self.data.classes),
                 "mean_gate": mean, "gate_frac_low": frac_low}
 

@@ -1,10 +1,13 @@
 """Neural-network building blocks: BIN and norm conversion, DANN blocks, optimizer helpers."""
 
 from domadapt.nn.bin import (
+    GATE_HIGH,
+    GATE_LOW,
     NORM_KINDS,
     BatchInstanceNorm2d,
     batch_instance_norm,
     convert_norm,
+    gate_fraction_below,
     gate_parameters,
     gate_values,
     mean_gate,
@@ -26,6 +29,8 @@ from domadapt.nn.optim import (
 )
 
 __all__ = [
+    "GATE_HIGH",
+    "GATE_LOW",
     "NORM_KINDS",
     "BatchInstanceNorm2d",
     "Bottleneck",
@@ -37,6 +42,7 @@ __all__ = [
     "convert_norm",
     "domain_accuracy",
     "domain_adversarial_loss",
+    "gate_fraction_below",
     "gate_groups",
     "gate_parameters",
     "gate_values",

@@ -28,16 +28,22 @@ from torch.nn.modules.batchnorm import _NormBase
 from domadapt.errors import UserError
 
 __all__ = [
+    "GATE_HIGH",
+    "GATE_LOW",
     "NORM_KINDS",
     "BatchInstanceNorm2d",
     "batch_instance_norm",
     "convert_norm",
+    "gate_fraction_below",
     "gate_parameters",
     "gate_values",
     "mean_gate",
 ]
 
 NORM_KINDS = ("bn", "in", "bin")
+# A gate below GATE_LOW mostly instance-normalises its channel (style removed); above
+# GATE_HIGH mostly batch-normalises it (style kept). Used by run metrics and gate reports.
+GATE_LOW, GATE_HIGH = 0.1, 0.9
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -345,9 +351,18 @@ def gate_values(model: nn.Module) -> dict[str, Tensor]:
     }
 
 
+def _all_gates(model: nn.Module) -> Tensor | None:
+    gates = [rho.detach().float().flatten().cpu() for rho in gate_parameters(model)]
+    return torch.cat(gates) if gates else None
+
+
 def mean_gate(model: nn.Module) -> float | None:
     """Mean of all gate entries (every channel of every BIN layer); None without BIN layers."""
-    gates = [rho.detach().flatten() for rho in gate_parameters(model)]
-    if not gates:
-        return None
-    return torch.cat([g.float().cpu() for g in gates]).mean().item()
+    rho = _all_gates(model)
+    return None if rho is None else rho.mean().item()
+
+
+def gate_fraction_below(model: nn.Module, threshold: float = GATE_LOW) -> float | None:
+    """Fraction of all gate entries < threshold (channels that drop style); None without BIN."""
+    rho = _all_gates(model)
+    return None if rho is None else (rho < threshold).float().mean().item()
