@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/domadapt sweep --dataset styledigits --preset styledigits --tasks all \
 	    --methods source-only,dann --norms bn,bin --seeds 0 --multidomain \
 	    --out runs/styledigits-demo --results results/styledigits
+	$(VENV)/bin/domadapt compare runs/styledigits-demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check domadapt cli tests benchmarks
