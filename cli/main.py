@@ -31,19 +31,28 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI; a UserError or an OS error (missing path, full disk) ends in one line."""
+    """Run the CLI. A bad option, a UserError or an OS error (missing path, full disk) ends in
+    one line on stderr and a non-zero exit, never a traceback."""
     try:
-        app(args=argv, prog_name="domadapt")
+        code = app(args=argv, prog_name="domadapt", standalone_mode=False)
+    except typer.TyperException as e:  # bad option, missing argument, unknown command
+        _fail(e.format_message(), getattr(e, "exit_code", 2))
+    except typer.Abort:  # Ctrl-C outside a run's own handler
+        _fail("interrupted", 130)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e), 2)
     except OSError as e:
-        what = e.strerror or str(e)
-        if e.errno == errno.ENOSPC:
-            what = "no space left on device"
+        what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"error: {what}{where}", file=sys.stderr)
-        sys.exit(1)
+        _fail(what + where, 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    message = " ".join(message.split())
+    if message:  # empty after `no_args_is_help` printed the help
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
