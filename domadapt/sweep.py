@@ -449,7 +449,7 @@ def run_sweep(
     cells = [(cfg, cell_dir(sweep_dir, cfg)) for cfg in plan.configs]
     _make_dirs(sweep_dir / RUNS_DIR, results_dir)
     atomic_write_json(sweep_dir / RECORD, {
-        **plan.record, "results": str(results_dir), "layout": plan.layout.to_dict(),
+        **plan.record, "results": os.path.relpath(results_dir, sweep_dir), "layout": plan.layout.to_dict(),
         "runs": [str(d.relative_to(sweep_dir)) for _, d in cells],
     })
     in_process = isinstance(launcher, LocalLauncher)

@@ -4,6 +4,7 @@ and the CLI's one-line errors for bad analysis inputs."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pandas as pd
@@ -120,8 +121,9 @@ def test_summary_written_by_hand_matches_reader(tmp_path):
 def test_compare_follows_the_results_folder_of_the_sweep_record(sweep, tmp_path_factory, run_cli):
     """`domadapt sweep --out S --results R` keeps its tables in R; `compare S` finds them."""
     sweep_dir = tmp_path_factory.mktemp("sweep_out")
-    atomic_write_json(sweep_dir / "sweep.json", {"results": str(sweep), "runs": []})
+    # recorded relative to the sweep directory, so a cloned or moved tree still finds it
+    atomic_write_json(sweep_dir / "sweep.json", {"results": os.path.relpath(sweep, sweep_dir)})
     code, out, err = run_cli("compare", sweep_dir)
     assert code == 0, err
-    assert (sweep / "transfer_table.png").is_file() and str(sweep / "transfer_table.png") in out
+    assert (sweep / "transfer_table.png").is_file() and "transfer_table.png" in out
     assert not (sweep_dir / "transfer_table.png").exists()

@@ -267,7 +267,7 @@ def find_tables(sweep_dir: Path) -> Path:
         results = read_json(record).get("results")
     except ValueError as e:
         raise UserError(f"corrupt JSON in {record}: {e}") from None
-    return Path(results) if results else sweep_dir
+    return sweep_dir / results if results else sweep_dir  # relative to the sweep (or absolute)
 
 
 def read_summary(tables_dir: Path) -> pd.DataFrame:
