@@ -40,8 +40,8 @@ class DANN(nn.Module):
     - honest adversary: per-domain batch statistics would erase exactly the mean/variance
       differences the discriminator is meant to see, making the adversarial loss look solved
       while the test-time features (normalized with shared running statistics) still differ.
-    - it is the choice of the reference implementations (Transfer-Learning-Library, the
-      official BIN code), so results stay comparable with published Office-Home numbers.
+    - it is the choice of common reference implementations (e.g. Transfer-Learning-Library's
+      DANN), so results stay comparable with published Office-Home numbers.
     The source classifier therefore also trains on features normalized with mixed statistics,
     the same normalization the target sees at test time.
     """
