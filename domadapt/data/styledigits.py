@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from domadapt.data.fsutil import atomic_directory, require_absent
 from domadapt.errors import UserError
+from domadapt.io import atomic_directory, require_absent
 from domadapt.progress import progress
 
 VERSION = 1

@@ -12,10 +12,10 @@ from typing import TypeVar
 from PIL import Image
 
 from domadapt.data.dataset import load_image
-from domadapt.data.fsutil import atomic_directory, require_absent
 from domadapt.data.manifest import Items, domain_items, relative, resolve_domains
 from domadapt.data.registry import DatasetSpec
 from domadapt.errors import UserError
+from domadapt.io import atomic_directory, require_absent
 from domadapt.progress import progress
 
 T = TypeVar("T")
