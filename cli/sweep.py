@@ -28,38 +28,38 @@ from cli.train import (
     ResizeSize,
     Wd,
     Workers,
-    _opt,
+    option,
 )
 from domadapt.errors import UserError
 
 _G, _L = "Grid", "Launcher"
 
-SweepDataset = Annotated[str, _opt("--dataset", help="officehome | pacs | styledigits | folder",
+SweepDataset = Annotated[str, option("--dataset", help="officehome | pacs | styledigits | folder",
                                    panel=_G)]
-SweepOut = Annotated[Path, _opt("--out",
+SweepOut = Annotated[Path, option("--out",
                                 help="sweep directory: runs/, sweep.json (re-run to resume)")]
-Root = Annotated[Path | None, _opt("--root", help="dataset folder (optional for styledigits)",
+Root = Annotated[Path | None, option("--root", help="dataset folder (optional for styledigits)",
                                    panel=_G)]
-Tasks = Annotated[str, _opt("--tasks", panel=_G,
+Tasks = Annotated[str, option("--tasks", panel=_G,
                             help="all (default) | S:T,S:T,... (full or short domain names)")]
-Methods = Annotated[str, _opt("--methods", help="comma list of source-only, dann (default: both)",
+Methods = Annotated[str, option("--methods", help="comma list of source-only, dann (default: both)",
                               panel=_G)]
-Norms = Annotated[str, _opt("--norms", help="comma list of bn, in, bin (default: bn,bin)",
+Norms = Annotated[str, option("--norms", help="comma list of bn, in, bin (default: bn,bin)",
                             panel=_G)]
-Seeds = Annotated[str, _opt("--seeds", help="comma list of integers (default: 0)", panel=_G)]
-Multidomain = Annotated[bool, _opt("--multidomain/--no-multidomain", panel=_G,
+Seeds = Annotated[str, option("--seeds", help="comma list of integers (default: 0)", panel=_G)]
+Multidomain = Annotated[bool, option("--multidomain/--no-multidomain", panel=_G,
                                    help="also one multi-domain run per norm and seed")]
-Results = Annotated[Path | None, _opt("--results",
+Results = Annotated[Path | None, option("--results",
                                       help="where the tables go (default: the sweep directory)")]
-AdvWeight = Annotated[float | None, _opt("--adv-weight", help="DANN loss weight",
+AdvWeight = Annotated[float | None, option("--adv-weight", help="DANN loss weight",
                                          panel="Optimization")]
-Launcher = Annotated[str, _opt("--launcher", panel=_L,
+Launcher = Annotated[str, option("--launcher", panel=_L,
                                help="local (default) | submitit (one Slurm job per cell)")]
-SweepWorkers = Annotated[int | None, _opt(
+SweepWorkers = Annotated[int | None, option(
     "--workers", panel=_L,
     help="parallel worker processes for --launcher local (default: one per GPU, else one per "
          "CPU core, each on one thread)")]
-Slurm = Annotated[list[str] | None, _opt(
+Slurm = Annotated[list[str] | None, option(
     "--slurm", panel=_L,
     help="KEY=VALUE for submitit's update_parameters, e.g. slurm_partition=gpu (repeatable)")]
 
@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
     def tables(
         sweep_dir: Annotated[Path, typer.Argument(help="a sweep directory (with runs/)",
                                                   show_default=False)],
-        out: Annotated[Path | None, _opt("--out",
+        out: Annotated[Path | None, option("--out",
                                          help="where the tables go (default: SWEEP_DIR)")] = None,
     ) -> None:
         """Rebuild a sweep's tables from its run directories (also while it runs)."""
