@@ -73,6 +73,12 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        for name in ("seed", "split_seed", "weight_decay", "backbone_lr_mult", "gate_lr_mult",
+                     "adv_weight", "momentum"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.disc_hidden <= 0:
+            raise UserError(f"--disc-hidden must be positive, got {self.disc_hidden}")
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"test fraction must lie in (0, 1), got {self.test_fraction}")
         if self.num_workers < 0:

@@ -30,6 +30,8 @@ Run directory:
 
 Distributed (torchrun): `batch_size` is the global batch per domain, split over the ranks;
 gradients are averaged by DDP, so the lr recipe is unchanged. See `Trainer` for BN statistics.
+The training-window numbers in log.csv / metrics.json (cls_loss, domain_loss, train_acc,
+disc_acc) are rank 0's share of each batch; evaluation numbers cover the whole domain.
 """
 
 from __future__ import annotations
@@ -238,7 +240,8 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     float16 (with a GradScaler); None (float32) on CPU."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8  # Ampere+; no emulation
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -346,7 +349,8 @@ class Trainer:
             disc: nn.Module = self.method.discriminator  # type: ignore[union-attr]
             disc.load_state_dict(ckpt["discriminator"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without loss scaling (CPU, bf16)
+            self.scaler.load_state_dict(ckpt["scaler"])
         mine = ckpt["ranks"][self.ctx.rank]
         for name, loader in self.loaders.items():
             loader.load_state_dict(mine["loaders"][name])
@@ -601,7 +605,10 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | None:
         raise UserError(f"{run_dir} holds a different run ({'; '.join(diff[:4])}); "
                         f"choose another --out")
     if (run_dir / METRICS_FILE).is_file():
-        return read_json(run_dir / METRICS_FILE)
+        try:
+            return read_json(run_dir / METRICS_FILE)
+        except ValueError as e:
+            raise UserError(f"corrupt {run_dir / METRICS_FILE} ({e}); delete it to re-run") from None
     return None
 
 
