@@ -7,6 +7,7 @@ module loads runs and data, writes CSV/JSON atomically and renders the figures.
 from __future__ import annotations
 
 import itertools
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,7 +268,8 @@ def find_tables(sweep_dir: Path) -> Path:
         results = read_json(record).get("results")
     except ValueError as e:
         raise UserError(f"corrupt JSON in {record}: {e}") from None
-    return sweep_dir / results if results else sweep_dir  # relative to the sweep (or absolute)
+    # recorded relative to the sweep directory (older records: absolute)
+    return Path(os.path.normpath(sweep_dir / results)) if results else sweep_dir
 
 
 def read_summary(tables_dir: Path) -> pd.DataFrame:
