@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+from types import FrameType
 
 import typer
 
@@ -33,6 +35,7 @@ _register()
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI. A bad option, a UserError or an OS error (missing path, full disk) ends in
     one line on stderr and a non-zero exit, never a traceback."""
+    stop_on_sigterm()
     try:
         code = app(args=argv, prog_name="domadapt", standalone_mode=False)
     except typer.TyperException as e:  # bad option, missing argument, unknown command
@@ -46,6 +49,17 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         _fail(what + where, 1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def stop_on_sigterm() -> None:
+    """Let SIGTERM (`kill`, Slurm's stop signal) take the Ctrl-C path: a run checkpoints, a
+    sweep stops its workers, the exit is one line and code 130 (unless SIGTERM is ignored)."""
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def _fail(message: str, code: int) -> None:

@@ -279,7 +279,9 @@ class ProcessLauncher:
             for slot in slots:
                 slot.process.join(max(0.0, deadline - time.monotonic()))
                 if slot.process.is_alive():
-                    slot.process.kill()
+                    with suppress(ProcessLookupError):  # the worker and its data loaders
+                        os.killpg(slot.process.pid, signal.SIGKILL)
+                    slot.process.join()
                 slot.conn.close()
 
 
@@ -336,8 +338,10 @@ def _worker_main(conn: Any, fn: CellFn, gpu: str | None, threads: int, parent_pi
     """A ProcessLauncher worker: pin GPU and threads (before torch starts: the cell function
     imports it lazily), then run the cells it is sent until None. Its own process group keeps
     a terminal's Ctrl-C to the parent, which forwards exactly one SIGINT (a second one would
-    skip train.run's checkpoint)."""
+    skip train.run's checkpoint); SIGINT is re-armed, as a sweep put in the background by a
+    script starts with it ignored."""
     os.setpgrp()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
@@ -352,9 +356,12 @@ def _worker_main(conn: Any, fn: CellFn, gpu: str | None, threads: int, parent_pi
 
 
 def _exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
-    """A killed sweep must not leave workers holding cell locks: exit when orphaned."""
+    """A killed sweep must not leave workers holding cell locks: when orphaned, kill this
+    worker's process group (itself and its data-loader processes)."""
     while os.getppid() == parent_pid:
         time.sleep(poll_seconds)
+    with suppress(OSError):
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # this worker leads its group (setpgrp)
     os._exit(1)
 
 

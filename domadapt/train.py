@@ -448,7 +448,7 @@ class Trainer:
         last_acc = st.last_eval["acc"]["target"] if st.last_eval else float("nan")
         start, wall0 = time.perf_counter(), st.wall_seconds
         try:
-            with _deferred_sigint(enabled=not self.ctx.distributed) as interrupted:
+            with _deferred_stop(enabled=not self.ctx.distributed) as interrupted:
                 while st.iteration < cfg.iters:
                     t0 = time.perf_counter()
                     stats, images, lr = self._step(st.iteration / cfg.iters)
@@ -666,24 +666,31 @@ def _isolated_rng(device: torch.device) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `kill`, Slurm's stop/preempt signal
+
+
 @contextlib.contextmanager
-def _deferred_sigint(enabled: bool = True) -> Iterator[Any]:
-    """Turn the first Ctrl-C into a flag the loop checks between iterations (so the checkpoint
-    it then writes is consistent); a second Ctrl-C interrupts at once. Main thread only."""
+def _deferred_stop(enabled: bool = True) -> Iterator[Any]:
+    """Turn the first SIGINT or SIGTERM into a flag the loop checks between iterations (so the
+    checkpoint it then writes is consistent); a second one interrupts at once. A signal the
+    process ignores (SIGINT of a job a script put in the background) stays ignored. Main
+    thread only."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
     hit = [False]
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) != signal.SIG_IGN}
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if hit[0]:
             raise KeyboardInterrupt
         hit[0] = True
 
-    signal.signal(signal.SIGINT, handler)
+    for s in previous:
+        signal.signal(s, handler)
     try:
         yield lambda: hit[0]
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from cli.main import stop_on_sigterm
 from domadapt.config import RunConfig
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json
@@ -43,12 +44,16 @@ LAYOUT = Layout("toy", DOMAINS, {d: d[:2] for d in DOMAINS},
 
 
 def fake_runner(cfg: RunConfig, run_dir: Path, *, device: str = "auto", quiet: bool = False,
-                seconds: float = 0.0, fail: str | None = None, die: str | None = None) -> dict:
+                seconds: float = 0.0, fail: str | None = None, die: str | None = None,
+                child: bool = False) -> dict:
     """Stands in for train.run: logs the call, takes `seconds`, writes config.json then
     metrics.json (the done marker) with an accuracy that depends on the cell. A cell whose
-    name contains `fail` raises; one containing `die` ends its process abruptly."""
+    name contains `fail` raises; one containing `die` ends its process abruptly. `child`
+    starts a long-lived child process, as a data loader's workers are."""
     run_dir = Path(run_dir)
-    call = {"pid": os.getpid(), "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    kid = subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL,  # not the test's pipes
+                           stderr=subprocess.DEVNULL) if child else None
+    call = {"pid": os.getpid(), "child": kid and kid.pid, "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "threads": os.environ.get("OMP_NUM_THREADS"),
             "tables": _count_rows(run_dir.parent.parent / "runs.csv"), "device": device,
             "quiet": quiet}
@@ -84,20 +89,25 @@ def toy_plan(seeds: tuple[int, ...] = (0,)) -> SweepPlan:
     return SweepPlan(tuple(configs), LAYOUT, {"command": "domadapt sweep ...", "multidomain": True})
 
 
-def sweep_main(sweep_dir: str, seconds: float, workers: int = 1) -> None:
-    """Entry for sweeps run in subprocesses by the tests below."""
+def sweep_main(sweep_dir: str, seconds: float, workers: int = 1, child: bool = False) -> None:
+    """Entry for sweeps run in subprocesses by the tests below, with the CLI's signal set-up."""
+    stop_on_sigterm()
     launcher = LocalLauncher() if workers == 1 else ProcessLauncher(workers)
     report = run_sweep(toy_plan(), sweep_dir, launcher, quiet=True,
-                       runner=partial(fake_runner, seconds=seconds))
+                       runner=partial(fake_runner, seconds=seconds, child=child))
     print(json.dumps({"ran": report.ran, "skipped": report.skipped,
                       "elsewhere": report.finished_elsewhere, "failed": len(report.failed)}))
 
 
-def start_sweep(sweep_dir: Path, seconds: float, workers: int = 1) -> subprocess.Popen:
+def start_sweep(sweep_dir: Path, seconds: float, workers: int = 1, *, child: bool = False,
+                background: bool = False) -> subprocess.Popen:
+    """`background`: start with SIGINT ignored, as a script's `domadapt sweep ... &` is."""
     code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_sweep; "
-            f"test_sweep.sweep_main({str(sweep_dir)!r}, {seconds}, {workers})")
+            f"test_sweep.sweep_main({str(sweep_dir)!r}, {seconds}, {workers}, {child})")
+    ignore_sigint = partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_sigint if background else None)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 90) -> dict:
@@ -259,16 +269,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_interrupted_process_sweep_stops_its_workers(tmp_path: Path) -> None:
-    """SIGINT to the sweep: busy workers get one SIGINT (train.run would checkpoint), idle
-    ones exit; no cell starts afterwards and no worker outlives the sweep."""
-    proc = start_sweep(tmp_path, 1.0, workers=2)
+@pytest.mark.parametrize("signum, background", [(signal.SIGINT, False),
+                                                (signal.SIGTERM, False), (signal.SIGTERM, True)])
+def test_interrupted_process_sweep_stops_its_workers(tmp_path: Path, signum: int,
+                                                     background: bool) -> None:
+    """Ctrl-C or `kill` to the sweep, also one a script started in the background (SIGINT
+    ignored): busy workers get one SIGINT (train.run would checkpoint), idle ones exit; no
+    cell starts afterwards and no worker outlives the sweep."""
+    proc = start_sweep(tmp_path, 1.0, workers=2, background=background)
     dirs = [cell_dir(tmp_path, c) for c in toy_plan().configs]
     deadline = time.time() + 60
     while sum((d / "metrics.json").is_file() for d in dirs) < 2 and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGINT  # stopped through KeyboardInterrupt, not killed
     started = sum(len(calls(d)) for d in dirs)
     pids = {call["pid"] for d in dirs for call in calls(d)}
     time.sleep(1.5)
@@ -319,6 +334,24 @@ def test_two_concurrent_sweeps_run_each_cell_once(tmp_path: Path) -> None:
     table = pd.read_csv(tmp_path / "transfer_table.csv", index_col=0, keep_default_na=False)
     assert (table.loc[["Al->Be", "Be->Ga", "Avg"]] != "").all().all()
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_killed_sweep_takes_its_workers_children_along(tmp_path: Path) -> None:
+    """SIGKILL to the sweep: each orphaned worker kills its process group, so neither it nor
+    the processes it started (a data loader's workers) keep running."""
+    proc = start_sweep(tmp_path, 30.0, workers=2, child=True)
+    dirs = [cell_dir(tmp_path, c) for c in toy_plan().configs]
+    deadline = time.time() + 60
+    while len(started := [c for d in dirs for c in calls(d)]) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    pids = {c["pid"] for c in started} | {c["child"] for c in started}
+    assert len(pids) == 4
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

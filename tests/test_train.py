@@ -208,12 +208,14 @@ def test_sigkill_then_resume_gives_identical_metrics(reference, tmp_path):
     assert _log_rows(ref) == _log_rows(out)
 
 
-def test_ctrl_c_leaves_a_resumable_run(reference, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_kill_leaves_a_resumable_run(reference, tmp_path, signum):
+    """Ctrl-C and `kill` (Slurm's stop signal too): checkpoint, one line, exit 130, resume."""
     args, ref = reference
     out = tmp_path / "run"
     proc = _start([*args, "--out", str(out)])
     _wait_for(out / "checkpoint.pt", proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().count("\n") == 0 and "interrupted" in err
     assert not (out / "metrics.json").exists()
