@@ -620,10 +620,30 @@ def _write_config(cfg: RunConfig, data: RunData, run_dir: Path, ctx: DistContext
             "device": str(ctx.device), "world_size": ctx.world_size,
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "command": shlex.join(sys.argv),
+            **_hardware(ctx.device), "command": shlex.join(sys.argv),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     })
+
+
+def _hardware(device: torch.device) -> dict[str, Any]:
+    """What floating-point results depend on besides the config: the CPU model and the kernel
+    set torch picked for it (AVX2, AVX512, ...), the thread count, and the GPU if one is used.
+    The same config on another CPU model or thread count gives other numbers."""
+    model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    info = {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _read_lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 def _agree(ctx: DistContext, fn: Callable[[], T]) -> T:

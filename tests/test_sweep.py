@@ -104,10 +104,10 @@ def start_sweep(sweep_dir: Path, seconds: float, workers: int = 1, *, child: boo
     """`background`: start with SIGINT ignored, as a script's `domadapt sweep ... &` is."""
     code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_sweep; "
             f"test_sweep.sweep_main({str(sweep_dir)!r}, {seconds}, {workers}, {child})")
-    ignore_sigint = partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=ignore_sigint if background else None)
+    argv = [sys.executable, "-c", code]
+    if background:  # the shell ignores SIGINT, exec keeps it ignored
+        argv = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', *argv]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 90) -> dict:

@@ -109,6 +109,9 @@ def test_dann_bin_run_writes_the_run_directory(tree, tmp_path):
     info = json.loads((tmp_path / "r" / "config.json").read_text())
     assert info["config"]["source"] == "alpha" and info["key"] == cfg.key()
     assert info["runtime"]["device"] == "cpu" and info["runtime"]["torch"] == torch.__version__
+    # what else the numbers depend on: the CPU's kernel set and the thread count
+    assert info["runtime"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["runtime"]["threads"] == torch.get_num_threads() and info["runtime"]["cpu"]
     assert info["data"]["classes"] == list(CLASSES)
     rows = _log_rows(tmp_path / "r")
     assert [int(r["iter"]) for r in rows] == [10, 20]
