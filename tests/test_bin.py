@@ -258,13 +258,23 @@ def test_convert_bn_to_bin_keeps_outputs(arch: str, dtype: torch.dtype) -> None:
             bin_error = (actual.double() - exact).abs().max().item()
             close = (actual - expected).abs().max().item() <= 1e-5 * scale
             assert close or bin_error <= 2 * bn_error, (training, bin_error, bn_error)
-    # train mode updated the running statistics alike
-    bn_layers = [m for m in bn_model.modules() if isinstance(m, nn.BatchNorm2d)]
-    bin_layers = [m for m in bin_model.modules() if isinstance(m, BatchInstanceNorm2d)]
-    for a, b in zip(bn_layers, bin_layers):
-        torch.testing.assert_close(b.running_mean, a.running_mean, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(b.running_var, a.running_var, rtol=1e-4, atol=1e-5)
+    # train mode updated the running statistics alike (float32: the same rule as the outputs,
+    # as a deep layer's statistics carry the rounding of every layer before it)
+    def norms(m: nn.Module, kind: type) -> list[nn.Module]:
+        return [layer for layer in m.modules() if isinstance(layer, kind)]
+
+    layers = zip(norms(bn_model, nn.BatchNorm2d), norms(bin_model, BatchInstanceNorm2d),
+                 norms(exact_model, nn.BatchNorm2d))
+    for a, b, e in layers:
         assert b.num_batches_tracked.item() == a.num_batches_tracked.item() == 4
+        for stat in ("running_mean", "running_var"):
+            bn_stat, bin_stat, exact_stat = getattr(a, stat), getattr(b, stat), getattr(e, stat)
+            if torch.allclose(bin_stat, bn_stat, rtol=1e-4, atol=1e-5):
+                continue
+            assert dtype == torch.float32, stat
+            bn_error = (bn_stat.double() - exact_stat).abs().max().item()
+            bin_error = (bin_stat.double() - exact_stat).abs().max().item()
+            assert bin_error <= 2 * bn_error, (stat, bin_error, bn_error)
 
 
 def test_convert_round_trip_and_instance_norm() -> None:
