@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -428,3 +429,22 @@ def test_cli_unknown_dataset_root(run_cli, tmp_path: Path) -> None:
     code, _, err = run_cli("sweep", "--dataset", "folder", "--root", tmp_path / "none",
                            "--out", tmp_path / "sweep")
     assert code != 0 and str(tmp_path / "none") in err and "Traceback" not in err
+
+
+def test_committed_sweeps_keep_their_run_records_but_not_checkpoints() -> None:
+    """A sweep committed under results/ must resume in a new checkout, so git keeps each run's
+    config.json, metrics.json (the done marker) and log.csv; checkpoints, locks and tracebacks
+    stay out, and so does the scratch runs/ folder of `make demo`."""
+    repo = TESTS.parent
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def ignored(path: str) -> bool:
+        code = subprocess.run(["git", "check-ignore", "-q", path], cwd=repo, check=False).returncode
+        assert code in (0, 1), f"git check-ignore failed on {path}"
+        return code == 0
+
+    run = "results/pacs/runs/photo-sketch_dann_bin_s0-0123456789ab"
+    assert not any(ignored(f"{run}/{name}") for name in ("config.json", "metrics.json", "log.csv"))
+    assert all(ignored(f"{run}/{name}") for name in ("checkpoint.pt", ".lock", "error.txt"))
+    assert ignored("runs/styledigits-demo/sweep.json")
