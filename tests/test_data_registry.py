@@ -91,3 +91,11 @@ def test_resolve_root(tmp_path):
         resolve_root(pacs, tmp_path / "nowhere")
     with pytest.raises(UserError, match="pacs needs --root"):
         resolve_root(pacs, None)
+
+
+def test_root_is_absolute_without_dotdot(tmp_path, monkeypatch):
+    """Run records and sweep.json store the root: `../data` is stored as a plain absolute path."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert resolve_root(get_dataset("folder"), "../data") == tmp_path / "data"

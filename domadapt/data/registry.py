@@ -282,7 +282,7 @@ def default_cache_dir() -> Path:
 
 
 def resolve_root(spec: DatasetSpec, root: str | Path | None) -> Path:
-    """The dataset's root folder, absolute.
+    """The dataset's root folder, absolute and without `..` (symlinks are kept as given).
 
     With `root=None` a generated dataset (styledigits) is built on demand in the cache folder;
     any other dataset needs an existing `root`.
@@ -291,7 +291,7 @@ def resolve_root(spec: DatasetSpec, root: str | Path | None) -> Path:
         if spec.materialize is None:
             raise UserError(f"dataset {spec.name} needs --root (the folder holding its domains)")
         return spec.materialize()
-    path = Path(root).expanduser().absolute()
+    path = Path(os.path.abspath(Path(root).expanduser()))
     if not path.is_dir():
         raise UserError(f"dataset root not found: {path}")
     return path
