@@ -281,6 +281,7 @@ class ProcessLauncher:
                 if slot.process.is_alive():
                     with suppress(ProcessLookupError):  # the worker and its data loaders
                         os.killpg(slot.process.pid, signal.SIGKILL)
+                    slot.process.kill()  # not yet its own group leader (setpgrp) if just spawned
                     slot.process.join()
                 slot.conn.close()
 
