@@ -549,7 +549,9 @@ def load_trained(run_dir: Path, device: str = "cpu", *, require_finished: bool =
         raise UserError(f"{run_dir}: the run is not finished (no {METRICS_FILE})")
     ckpt_path = run_dir / CHECKPOINT_FILE
     if not ckpt_path.is_file():
-        raise UserError(f"{ckpt_path}: no checkpoint")
+        raise UserError(f"{ckpt_path}: no checkpoint (committed sweeps leave them out); to "
+                        f"rebuild it, delete {run_dir / METRICS_FILE} and re-run the command in "
+                        f"{run_dir / CONFIG_FILE} (runtime.command): the run trains again")
     ckpt = read_checkpoint(ckpt_path, map_location="cpu")
     model = build_model(cfg, len(info["data"]["classes"]), load_pretrained=False)
     model.load_state_dict(ckpt["model"])

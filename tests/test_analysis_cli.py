@@ -139,6 +139,24 @@ def test_unfinished_run_is_one_line(runs, run_cli, tmp_path):
         _one_line_error(code, out, err, "not finished")
 
 
+def test_committed_run_without_checkpoint_says_how_to_rebuild_it(runs, run_cli, tmp_path):
+    """A run as a sweep commits it (no checkpoint.pt): one line saying how to rebuild it, and
+    following that advice rebuilds it with the same result."""
+    committed = tmp_path / "run"
+    committed.mkdir()
+    for name in ("config.json", "metrics.json", "log.csv"):
+        shutil.copy(runs["bin"] / name, committed / name)
+    for command in ("gates", "analyze"):
+        code, out, err = run_cli(command, committed, "--out", tmp_path / "report")
+        _one_line_error(code, out, err, "no checkpoint")
+        assert f"delete {committed / 'metrics.json'}" in err
+    (committed / "metrics.json").unlink()
+    run(make_config(**_options(runs["bin"].parent / "data")), committed, device="cpu", quiet=True)
+    assert _metrics(committed)["target_acc"] == _metrics(runs["bin"])["target_acc"]
+    code, _, err = run_cli("gates", committed, "--out", tmp_path / "report")
+    assert code == 0, err
+
+
 # ----------------------------------------------------------------------------------- analyze
 
 
