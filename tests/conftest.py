@@ -34,5 +34,11 @@ def run_cli(capsys):
     return _run
 
 
+# Prepended to a `python -c` child's code: SIGINT raises KeyboardInterrupt, as in a command typed
+# in a terminal, even when the tests themselves run as a background job (whose children start
+# with SIGINT ignored, so Python would not install its handler and Ctrl-C would do nothing).
+FOREGROUND_SIGINT = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+
+
 needs_pacs = pytest.mark.skipif(not PACS_ROOT.is_dir(), reason="../shared/data/pacs not present")
 needs_mobilenet = pytest.mark.skipif(not MOBILENET_WEIGHTS.is_file(), reason="shared weights missing")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import FOREGROUND_SIGINT
 
 from cli.main import stop_on_sigterm
 from domadapt.config import RunConfig
@@ -105,7 +106,7 @@ def start_sweep(sweep_dir: Path, seconds: float, workers: int = 1, *, child: boo
     """`background`: start with SIGINT ignored, as a script's `domadapt sweep ... &` is."""
     code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_sweep; "
             f"test_sweep.sweep_main({str(sweep_dir)!r}, {seconds}, {workers}, {child})")
-    argv = [sys.executable, "-c", code]
+    argv = [sys.executable, "-c", code if background else FOREGROUND_SIGINT + code]
     if background:  # the shell ignores SIGINT, exec keeps it ignored
         argv = ["sh", "-c", 'trap "" INT; exec "$0" "$@"', *argv]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

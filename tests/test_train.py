@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FOREGROUND_SIGINT, REPO
 from PIL import Image
 
 from domadapt.config import make_config
 from domadapt.errors import UserError
 from domadapt.train import NonFiniteLoss, load_trained, predict, read_checkpoint, run
 
-REPO = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"wall_seconds", "train_seconds", "images_per_second"}
 CLASSES = ("bar", "column", "cross")
 
@@ -170,7 +170,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tree, tmp_path
 
 def _start(args: list[str]) -> subprocess.Popen:
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "domadapt", "train", *args, "--quiet",
+    code = FOREGROUND_SIGINT + "from cli.main import main; main()"
+    return subprocess.Popen([sys.executable, "-c", code, "train", *args, "--quiet",
                              "--device", "cpu"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
