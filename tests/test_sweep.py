@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import FOREGROUND_SIGINT
+from conftest import FOREGROUND_SIGINT, REPO
 
 from cli.main import stop_on_sigterm
 from domadapt.config import RunConfig
@@ -436,12 +436,11 @@ def test_committed_sweeps_keep_their_run_records_but_not_checkpoints() -> None:
     """A sweep committed under results/ must resume in a new checkout, so git keeps each run's
     config.json, metrics.json (the done marker) and log.csv; checkpoints, locks and tracebacks
     stay out, and so does the scratch runs/ folder of `make demo`."""
-    repo = TESTS.parent
-    if shutil.which("git") is None or not (repo / ".git").exists():
+    if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
 
     def ignored(path: str) -> bool:
-        code = subprocess.run(["git", "check-ignore", "-q", path], cwd=repo, check=False).returncode
+        code = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, check=False).returncode
         assert code in (0, 1), f"git check-ignore failed on {path}"
         return code == 0
 
