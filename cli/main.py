@@ -21,12 +21,13 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from cli import analysis, data, sweep, train
+    from cli import analysis, data, plugins, sweep, train
 
     app.add_typer(data.app, name="data")
     train.register(app)
     sweep.register(app)
     analysis.register(app)
+    plugins.register(app)
 
 
 _register()

@@ -8,28 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.train import (
-    Amp,
-    Backbone,
-    BackboneLr,
-    BatchSize,
-    BottleneckDim,
-    CkptEvery,
-    Device,
-    EvalEvery,
-    GateLr,
-    ImageSize,
-    Iters,
-    Lr,
-    Momentum,
-    Preset,
-    Pretrained,
-    Quiet,
-    ResizeSize,
-    Wd,
-    Workers,
-    option,
-)
+from cli.options import config_options, option
+from cli.train import Device, Preset, Quiet
 from domadapt.errors import UserError
 
 _G, _L = "Grid", "Launcher"
@@ -42,17 +22,14 @@ Root = Annotated[Path | None, option("--root", help="dataset folder (optional fo
                                    panel=_G)]
 Tasks = Annotated[str, option("--tasks", panel=_G,
                             help="all (default) | S:T,S:T,... (full or short domain names)")]
-Methods = Annotated[str, option("--methods", help="comma list of source-only, dann (default: both)",
-                              panel=_G)]
-Norms = Annotated[str, option("--norms", help="comma list of bn, in, bin (default: bn,bin)",
-                            panel=_G)]
+Methods = Annotated[str, option("--methods", panel=_G,
+                              help="comma list of methods", default="source-only,dann")]
+Norms = Annotated[str, option("--norms", help="comma list of norms", panel=_G, default="bn,bin")]
 Seeds = Annotated[str, option("--seeds", help="comma list of integers (default: 0)", panel=_G)]
 Multidomain = Annotated[bool, option("--multidomain/--no-multidomain", panel=_G,
                                    help="also one multi-domain run per norm and seed")]
 Results = Annotated[Path | None, option("--results",
                                       help="where the tables go (default: the sweep directory)")]
-AdvWeight = Annotated[float | None, option("--adv-weight", help="DANN loss weight",
-                                         panel="Optimization")]
 Launcher = Annotated[str, option("--launcher", panel=_L,
                                help="local (default) | submitit (one Slurm job per cell)")]
 SweepWorkers = Annotated[int | None, option(
@@ -76,31 +53,19 @@ def register(app: typer.Typer) -> None:
     """Add `sweep` and `tables` to the top-level app."""
 
     @app.command("sweep", help=SWEEP_HELP)
+    @config_options(exclude=("source", "target", "method", "norm", "seed"))
     def sweep(
         ctx: typer.Context, dataset: SweepDataset, out: SweepOut, root: Root = None,
         tasks: Tasks = "all", methods: Methods = "source-only,dann", norms: Norms = "bn,bin",
         seeds: Seeds = "0", multidomain: Multidomain = False, results: Results = None,
-        preset: Preset = None, backbone: Backbone = None, pretrained: Pretrained = None,
-        iters: Iters = None, batch_size: BatchSize = None, image_size: ImageSize = None,
-        resize_size: ResizeSize = None, lr: Lr = None, backbone_lr_mult: BackboneLr = None,
-        gate_lr_mult: GateLr = None, weight_decay: Wd = None, momentum: Momentum = None,
-        bottleneck_dim: BottleneckDim = None, adv_weight: AdvWeight = None,
-        eval_every: EvalEvery = None, checkpoint_every: CkptEvery = None,
-        num_workers: Workers = None, amp: Amp = None, launcher: Launcher = "local",
-        workers: SweepWorkers = None, slurm: Slurm = None, device: Device = "auto",
-        quiet: Quiet = False,
+        preset: Preset = None, launcher: Launcher = "local", workers: SweepWorkers = None,
+        slurm: Slurm = None, device: Device = "auto", quiet: Quiet = False,
+        options: dict[str, Any] | None = None,
     ) -> None:
         """Run every cell of the grid (see SWEEP_HELP)."""
         from domadapt.sweep import make_launcher, plan_sweep, run_sweep
 
-        train_options = {
-            "backbone": backbone, "pretrained": pretrained, "iters": iters,
-            "batch_size": batch_size, "image_size": image_size, "resize_size": resize_size,
-            "lr": lr, "backbone_lr_mult": backbone_lr_mult, "gate_lr_mult": gate_lr_mult,
-            "weight_decay": weight_decay, "momentum": momentum, "bottleneck_dim": bottleneck_dim,
-            "adv_weight": adv_weight, "eval_every": eval_every,
-            "checkpoint_every": checkpoint_every, "num_workers": num_workers, "amp": amp,
-        }
+        train_options = options or {}
         backend = make_launcher(launcher, workers=workers, device=device, sweep_dir=out,
                                 slurm=_key_values(slurm or [], "--slurm"))
         plan = plan_sweep(

@@ -1,9 +1,11 @@
 """RunConfig: every setting of one run, in one frozen dataclass, hashed into a run key.
 
-Defaults follow the standard DANN Office-Home recipe (ResNet-50 pretrained on ImageNet,
-bottleneck 256, SGD momentum 0.9 Nesterov, lr 0.01 with the backbone at 0.1x, weight decay
-1e-3, lr(p) = lr0 (1 + 10 p)^-0.75, batch 32 source + 32 target, BIN gates at 10x).
-Presets override a few fields so the same command fits a CPU.
+The core fields below are what every run has; the chosen method's and norm's own
+hyper-parameters (declared by the plug-ins, e.g. DANN's `adv_weight`, BIN's `gate_lr_mult`)
+live in `method_options` / `norm_options`, resolved with their defaults. Only those of the
+chosen plug-ins are stored, so options a run cannot use (DANN's in a source-only run, the
+gates' in a BN run) never change its key. Every field's help text is in its metadata: the CLI
+builds its options from it (`cli/options.py`), so a setting is declared once.
 """
 
 from __future__ import annotations
@@ -11,74 +13,81 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from domadapt.backbones import check_backbone
 from domadapt.errors import UserError
+from domadapt.methods import METHODS, get_method
+from domadapt.norms import NORMS, get_norm
+from domadapt.registry import HparamSpec, hparam_specs, hparams_dict, make_hparams, merged_specs
 
-METHODS = ("source-only", "dann")
-NORMS = ("bn", "in", "bin")
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "digitnet")
 SETTINGS = ("transfer", "multidomain")
+PLUGIN_FIELDS = ("method_options", "norm_options")
 
 # Fields that do not change what a run computes: left out of the run key.
 NON_KEY_FIELDS = frozenset({"root", "num_workers", "eval_every", "checkpoint_every"})
+
+RUN, DATA, OPT, SYS = "Run", "Data", "Optimization", "System"
+
+
+def config_field(default: Any, help: str, panel: str = RUN, *, cli: bool = True,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A RunConfig field with its help text (`cli=False`: not a command-line option)."""
+    return field(default=default,
+                 metadata={"help": help, "panel": panel, "cli": cli, "choices": choices})
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Every hyper-parameter of one run. `key()` names its run directory."""
 
-    dataset: str = "officehome"
-    root: str | None = None
-    setting: str = "transfer"  # "transfer" (source -> target) | "multidomain"
-    source: str | None = None  # full domain name (resolved), transfer only
-    target: str | None = None
-    method: str = "dann"
-    norm: str = "bn"
-    backbone: str = "resnet50"
-    pretrained: str = "imagenet"  # "imagenet" | "none" | path to a torchvision state dict
-    bottleneck_dim: int = 256
-    iters: int = 5000
-    batch_size: int = 32  # per domain: 32 source + 32 target
-    image_size: int = 224
-    resize_size: int = 256
-    lr: float = 0.01  # head learning rate lr0
-    backbone_lr_mult: float = 0.1
-    gate_lr_mult: float = 10.0  # BIN gates: 10x the learning rate of the layer they sit in
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-3
-    lr_gamma: float = 10.0  # lr(p) = lr0 * (1 + lr_gamma * p) ** -lr_decay
-    lr_decay: float = 0.75
-    adv_weight: float = 1.0  # weight of the domain-adversarial loss (DANN)
-    disc_hidden: int = 1024
-    split_seed: int = 0  # multi-domain train/test split
-    test_fraction: float = 0.2
-    eval_every: int = 500
-    checkpoint_every: int = 500
-    num_workers: int = 2
-    amp: bool = True  # used only on CUDA
-    channels_last: bool = True  # used only on CUDA
-    seed: int = 0
+    dataset: str = config_field("officehome", "officehome | pacs | styledigits | folder", DATA)
+    root: str | None = config_field(None, "dataset folder (optional for styledigits)", DATA)
+    setting: str = config_field("transfer", "transfer (source -> target) | multidomain", cli=False)
+    source: str | None = config_field(None, "source domain (full or short name)", DATA)
+    target: str | None = config_field(None, "target domain (full or short name)", DATA)
+    method: str = config_field("dann", "training method (`domadapt methods` lists them)")
+    norm: str = config_field("bn", "normalization kind (`domadapt methods` lists them)")
+    backbone: str = config_field("resnet50", "torchvision BN model name, digitnet or timm:<name>")
+    pretrained: str = config_field("imagenet", "imagenet | none | PATH (state dict)")
+    bottleneck_dim: int = config_field(256, "bottleneck feature dimension")
+    iters: int = config_field(5000, "training iterations")
+    batch_size: int = config_field(32, "images per domain per iteration (b source + b target)")
+    image_size: int = config_field(224, "crop size (pixels)", DATA)
+    resize_size: int = config_field(256, "resize before cropping (pixels)", DATA)
+    lr: float = config_field(0.01, "head learning rate lr0", OPT)
+    backbone_lr_mult: float = config_field(0.1, "backbone lr = this x lr0", OPT)
+    momentum: float = config_field(0.9, "SGD momentum", OPT)
+    nesterov: bool = config_field(True, "Nesterov SGD", OPT)
+    weight_decay: float = config_field(1e-3, "SGD weight decay (not on special params)", OPT)
+    lr_gamma: float = config_field(10.0, "lr schedule: lr0 (1 + gamma p)^-decay", OPT)
+    lr_decay: float = config_field(0.75, "lr schedule exponent", OPT)
+    split_seed: int = config_field(0, "multi-domain train/test split seed", DATA)
+    test_fraction: float = config_field(0.2, "multi-domain test share of each domain", DATA)
+    eval_every: int = config_field(500, "evaluate every N iterations", SYS)
+    checkpoint_every: int = config_field(500, "checkpoint every N iterations", SYS)
+    num_workers: int = config_field(2, "data-loading processes", SYS)
+    amp: bool = config_field(True, "mixed precision (CUDA only)", SYS)
+    channels_last: bool = config_field(True, "channels_last memory layout (CUDA only)", SYS)
+    seed: int = config_field(0, "random seed")
+    method_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
+    norm_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         check_choice("setting", self.setting, SETTINGS)
-        check_choice("method", self.method, METHODS)
-        check_choice("norm", self.norm, NORMS)
-        check_choice("backbone", self.backbone, BACKBONES)
+        check_choice("method", self.method, METHODS.names())
+        check_choice("norm", self.norm, NORMS.names())
+        check_backbone(self.backbone)
         for name in ("iters", "batch_size", "image_size", "resize_size", "eval_every",
                      "checkpoint_every", "bottleneck_dim"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
-        for name in ("seed", "split_seed", "weight_decay", "backbone_lr_mult", "gate_lr_mult",
-                     "adv_weight", "momentum"):
+        for name in ("seed", "split_seed", "weight_decay", "backbone_lr_mult", "momentum"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.disc_hidden <= 0:
-            raise UserError(f"--disc-hidden must be positive, got {self.disc_hidden}")
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"test fraction must lie in (0, 1), got {self.test_fraction}")
         if self.num_workers < 0:
@@ -87,16 +96,41 @@ class RunConfig:
             raise UserError("a transfer run needs --source and --target")
         if self.setting == "transfer" and self.source == self.target:
             raise UserError(f"source and target are the same domain: {self.source}")
+        # Resolve the plug-ins' options: defaults filled in, types and ranges checked.
+        object.__setattr__(self, "method_options", hparams_dict(make_hparams(
+            get_method(self.method).Hparams, dict(self.method_options))))
+        object.__setattr__(self, "norm_options", hparams_dict(make_hparams(
+            get_norm(self.norm).Hparams, dict(self.norm_options))))
+
+    @property
+    def method_hparams(self) -> Any:
+        return make_hparams(get_method(self.method).Hparams, self.method_options)
+
+    @property
+    def norm_hparams(self) -> Any:
+        return make_hparams(get_norm(self.norm).Hparams, self.norm_options)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """From `to_dict()` output; also reads configs written before the plug-in options
+        existed (their DANN / gate options were top-level fields, gates layer-relative)."""
+        if all(k in d for k in PLUGIN_FIELDS):
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in d.items() if k in known})
+        legacy = dict(d)
+        if legacy.get("norm") == "bin":
+            legacy.setdefault("gate_lr_rule", "layer")
+        return route_options({k: v for k, v in legacy.items() if k not in PLUGIN_FIELDS},
+                             ignore_unknown=True)
 
     def replace(self, **changes: Any) -> RunConfig:
+        if "method" in changes and "method_options" not in changes:
+            changes["method_options"] = _shared(self.method_options, changes["method"], "method")
+        if "norm" in changes and "norm_options" not in changes:
+            changes["norm_options"] = _shared(self.norm_options, changes["norm"], "norm")
         return dataclasses.replace(self, **changes)
 
     def key(self) -> str:
@@ -112,12 +146,66 @@ class RunConfig:
         return f"{task}_{method}_{self.norm}_s{self.seed}"
 
 
+def _shared(options: dict[str, Any], plugin: str, kind: str) -> dict[str, Any]:
+    """The options of `options` that plug-in `plugin` also declares (kept across replace)."""
+    cls = (get_method(plugin) if kind == "method" else get_norm(plugin)).Hparams
+    names = {s.name for s in hparam_specs(cls)}
+    return {k: v for k, v in options.items() if k in names}
+
+
 def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"unknown {option} {value!r}; choose from {', '.join(choices)}")
 
 
-# Presets: named overrides of the defaults. `officehome` is the paper recipe itself.
+def core_fields() -> list[dataclasses.Field]:
+    """RunConfig's own fields (not the plug-in option dicts)."""
+    return [f for f in fields(RunConfig) if f.name not in PLUGIN_FIELDS]
+
+
+def plugin_options() -> dict[str, tuple[HparamSpec, list[str]]]:
+    """Every option declared by a registered method or norm: name -> (spec, declared by)."""
+    owners = [(f"method {n}", cls.Hparams) for n, cls in METHODS.items()]
+    owners += [(f"norm {n}", kind.Hparams) for n, kind in NORMS.items()]
+    return merged_specs(owners)
+
+
+def route_options(values: dict[str, Any], *, ignore_unknown: bool = False) -> RunConfig:
+    """A RunConfig from flat `values` (core fields and plug-in options mixed): each plug-in
+    option goes to the chosen method or norm that declares it; options of plug-ins the run does
+    not use are dropped. An option nobody declares is a UserError (unless `ignore_unknown`)."""
+    core = {f.name for f in core_fields()}
+    chosen = {k: v for k, v in values.items() if k in core}
+    method = chosen.get("method", RunConfig.method)
+    norm = chosen.get("norm", RunConfig.norm)
+    check_choice("method", method, METHODS.names())
+    check_choice("norm", norm, NORMS.names())
+    method_names = {s.name for s in hparam_specs(get_method(method).Hparams)}
+    norm_names = {s.name for s in hparam_specs(get_norm(norm).Hparams)}
+    rest = {k: v for k, v in values.items() if k not in core}
+    declared = plugin_options()
+    unknown = sorted(set(rest) - set(declared))
+    if unknown and not ignore_unknown:
+        raise UserError(f"unknown option(s): {', '.join(unknown)}")
+    for name in set(rest) - method_names - norm_names - set(unknown):
+        _check_unused(name, rest[name])
+    return RunConfig(**chosen,
+                     method_options={k: v for k, v in rest.items() if k in method_names},
+                     norm_options={k: v for k, v in rest.items() if k in norm_names})
+
+
+def _check_unused(name: str, value: Any) -> None:
+    """A plug-in option this run does not use is dropped, but a bad value is still an error."""
+    for cls in _hparam_classes():
+        if name in {s.name for s in hparam_specs(cls)}:
+            make_hparams(cls, {name: value})
+
+
+def _hparam_classes() -> list[type]:
+    return [c.Hparams for _, c in METHODS.items()] + [k.Hparams for _, k in NORMS.items()]
+
+
+# Presets: named overrides of the defaults (core fields and plug-in options alike).
 PRESETS: dict[str, dict[str, Any]] = {
     "officehome": {},
     "pacs-cpu": {
@@ -146,7 +234,8 @@ def preset_overrides(name: str | None) -> dict[str, Any]:
 
 
 def make_config(preset: str | None = None, **options: Any) -> RunConfig:
-    """Defaults <- preset <- explicit options (None means 'not given')."""
+    """Defaults <- preset <- explicit options (None means 'not given'); `options` may mix
+    core fields and plug-in options (see `route_options`)."""
     values = preset_overrides(preset)
     values.update({k: v for k, v in options.items() if v is not None})
-    return RunConfig(**values)
+    return route_options(values)

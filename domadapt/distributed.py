@@ -1,6 +1,6 @@
 """Device choice and the (optional) DistributedDataParallel process group.
 
-A run launched by `torchrun --nproc_per_node N -m domadapt train ...` sees WORLD_SIZE/RANK/
+A run launched by `torchrun --nproc_per_node N -m cli train ...` sees WORLD_SIZE/RANK/
 LOCAL_RANK in its environment and trains one model with N processes (gloo on CPU, nccl on
 CUDA); a plain launch is the 1-process special case of the same code path.
 """

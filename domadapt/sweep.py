@@ -39,10 +39,9 @@ from domadapt.config import RunConfig, check_choice, make_config
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json, atomic_write_text
 from domadapt.progress import progress
-from domadapt.tables import METRICS, RECORD, RUNS_DIR, Layout, dataset_layout, write_tables
+from domadapt.rundir import ERROR, LOCK, METRICS, RECORD, RUNS_DIR, RunDir, cell_dir
+from domadapt.tables import Layout, dataset_layout, write_tables
 
-LOCK = ".lock"
-ERROR = "error.txt"
 LAUNCHERS = ("local", "submitit")
 # Cell outcomes.
 RAN, FINISHED, BUSY, FAILED = "ran", "finished", "busy", "failed"
@@ -176,13 +175,8 @@ def plan_sweep(
     return SweepPlan(tuple(configs), layout, record)
 
 
-def cell_dir(sweep_dir: Path, cfg: RunConfig) -> Path:
-    """`SWEEP_DIR/runs/<name>-<key>`: the key hashes the whole resolved config."""
-    return Path(sweep_dir) / RUNS_DIR / f"{cfg.name()}-{cfg.key()}"
-
-
 def is_done(run_dir: Path) -> bool:
-    return (run_dir / METRICS).is_file()
+    return RunDir(run_dir).is_done()
 
 
 # -- one cell -----------------------------------------------------------------------------------

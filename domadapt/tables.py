@@ -13,8 +13,9 @@ Files written into the results directory:
   (setting, row, method, norm): `n_seeds`, `mean`, `std` in percent (sample std, ddof=1).
 - `transfer_table.csv/.md`: rows = tasks (`Ar->Cl`, ...) in canonical order + `Avg`; one
   column per method/norm, "mean ± std" over seeds (the mean alone for one seed); a
-  `<method> BIN - BN` column (difference of means) per method run with both norms, and a
-  footer row `BIN >= BN` counting the tasks where BIN's mean is at least BN's.
+  `<method> BIN - BN` column (difference of means) per method for every norm run beside the
+  baseline norm (`bn` unless the sweep has none), and a footer row `>= BN` counting the tasks
+  where that norm's mean is at least the baseline's.
 - `multidomain_table.csv/.md`: rows = domains + `Avg`; one column per norm, likewise.
 
 `Avg` of a column is the mean over rows of each seed's accuracies, then mean ± std over those
@@ -31,22 +32,18 @@ from typing import Any
 
 import pandas as pd
 
-from domadapt.config import METHODS, NORMS
 from domadapt.errors import UserError
 from domadapt.io import atomic_path, atomic_write_text, read_json
-
-RECORD = "sweep.json"  # a sweep's record: grid, options and Layout
-RUNS_DIR = "runs"
-CONFIG = "config.json"
-METRICS = "metrics.json"  # the done marker
+from domadapt.methods import METHODS
+from domadapt.norms import NORMS
+from domadapt.rundir import RECORD, RunDir, sweep_run_dirs
 
 AVG = "Avg"
-COUNT_ROW = "BIN >= BN"
+BASELINE_NORM = "bn"
 RUN_COLUMNS = (
     "dataset", "setting", "task", "source", "target", "method", "norm", "backbone", "seed",
-    "iters", "target_acc", "avg_acc", "mean_gate", "gate_frac_below_0.1", "wall_seconds",
-    "run_key", "run_dir",
-)
+    "iters", "target_acc", "avg_acc", "wall_seconds", "run_key", "run_dir",
+)  # + every norm's diagnostics (e.g. mean_gate) found in the runs, before wall_seconds
 ACC_COLUMNS = ("target_acc", "avg_acc")  # fractions in metrics.json, percent in tables
 STAT_COLUMNS = ("setting", "row", "method", "norm", "n_seeds", "mean", "std")
 
@@ -100,8 +97,8 @@ def dataset_layout(
         domains=tuple(domains),
         short_names={d: spec.short_name(d, root) for d in domains},
         tasks=tuple(sorted(set(tasks), key=canonical.__getitem__)),
-        methods=_ordered(methods, METHODS),
-        norms=_ordered(norms, NORMS),
+        methods=_ordered(methods, METHODS.names()),
+        norms=_ordered(norms, NORMS.names()),
         multidomain=multidomain,
     )
 
@@ -121,19 +118,21 @@ class FinishedRun:
 def finished_runs(run_dirs: Iterable[Path]) -> list[FinishedRun]:
     """Every run dir holding metrics.json (train.run's done marker); others are skipped."""
     found = []
-    for run_dir in run_dirs:
-        if not (run_dir / METRICS).is_file():
+    for run_dir in map(RunDir, run_dirs):
+        if not run_dir.is_done():
             continue
-        info = _read(run_dir / CONFIG)
-        if not isinstance(info.get("config"), dict):
-            raise UserError(f"corrupt run config (no 'config' entry): {run_dir / CONFIG}")
-        found.append(FinishedRun(run_dir, info["config"], str(info.get("key", "")),
-                                 _read(run_dir / METRICS)))
+        info = run_dir.read_config_dict()
+        found.append(FinishedRun(run_dir.path, info["config"], str(info.get("key", "")),
+                                 run_dir.read_metrics()))
     return found
 
 
 def runs_frame(runs: list[FinishedRun], layout: Layout, sweep_dir: Path) -> pd.DataFrame:
-    """One row per finished run (RUN_COLUMNS), accuracies in percent."""
+    """One row per finished run (RUN_COLUMNS + diagnostics), accuracies in percent."""
+    found = {k for run in runs for k in run.metrics}
+    diagnostics = [k for _, kind in NORMS.items() for k in kind.diagnostic_names() if k in found]
+    at = RUN_COLUMNS.index("wall_seconds")
+    columns = [*RUN_COLUMNS[:at], *dict.fromkeys(diagnostics), *RUN_COLUMNS[at:]]
     rows = []
     for run in runs:
         cfg, transfer = run.config, run.config["setting"] == "transfer"
@@ -146,11 +145,11 @@ def runs_frame(runs: list[FinishedRun], layout: Layout, sweep_dir: Path) -> pd.D
             run_key=run.key,
             run_dir=_relative(run.run_dir, sweep_dir),
         )
-        row.update({k: run.metrics.get(k) for k in RUN_COLUMNS if k not in row})
+        row.update({k: run.metrics.get(k) for k in columns if k not in row})
         for k in ACC_COLUMNS:
             row[k] = None if row[k] is None else 100.0 * row[k]
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+    return pd.DataFrame(rows, columns=columns)
 
 
 def scores_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
@@ -198,21 +197,22 @@ def aggregate(scores: pd.DataFrame, rows: list[str],
 
 
 def display_table(stats: pd.DataFrame, rows: list[str], diffs: dict[str, tuple[str, str]],
-                  index_name: str) -> pd.DataFrame:
-    """Formatted table: "mean ± std" per column, then each diff column `name: (bin, bn)`
-    placed after its BIN column, and a `BIN >= BN` footer row counting rows (not Avg)."""
+                  index_name: str, count_row: str) -> pd.DataFrame:
+    """Formatted table: "mean ± std" per column, then each diff column `name: (norm, baseline)`
+    placed after its norm's column, and a `count_row` footer (e.g. `BIN >= BN`) counting the
+    rows (not Avg) where the norm's mean is at least the baseline's."""
     mean = stats.pivot(index="row", columns="column", values="mean")
     std = stats.pivot(index="row", columns="column", values="std")
     table = pd.DataFrame(index=pd.Index([*rows, AVG], name=index_name))
     for column in dict.fromkeys(stats["column"]):
         table[column] = [_mean_std(mean.at[r, column], std.at[r, column]) for r in table.index]
     if diffs:
-        table.loc[COUNT_ROW] = ""
+        table.loc[count_row] = ""
     for name, (hi, lo) in diffs.items():
         delta = (mean[hi] - mean[lo]).reindex([*rows, AVG])
         table.insert(table.columns.get_loc(hi) + 1, name, [*map(_signed, delta), ""])
         both = delta.reindex(rows).dropna()
-        table.at[COUNT_ROW, name] = f"{int((both >= 0).sum())}/{len(both)}"
+        table.at[count_row, name] = f"{int((both >= 0).sum())}/{len(both)}"
     return table
 
 
@@ -222,9 +222,10 @@ def transfer_tables(scores: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame,
     columns = {f"{m}/{n}": (m, n) for m in layout.methods for n in layout.norms}
     rows = [layout.task_label(s, t) for s, t in layout.tasks]
     stats = aggregate(scores, rows, columns)
-    diffs = {f"{m} BIN - BN": (f"{m}/bin", f"{m}/bn")
-             for m in layout.methods if {"bn", "bin"} <= set(layout.norms)}
-    return stats, display_table(stats, rows, diffs, "task")
+    base = baseline_norm(layout)
+    diffs = {f"{m} {n.upper()} - {base.upper()}": (f"{m}/{n}", f"{m}/{base}")
+             for m in layout.methods for n in _others(layout, base)}
+    return stats, display_table(stats, rows, diffs, "task", count_label(layout))
 
 
 def multidomain_tables(scores: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -232,8 +233,24 @@ def multidomain_tables(scores: pd.DataFrame, layout: Layout) -> tuple[pd.DataFra
     scores = scores[scores["setting"] == "multidomain"]
     rows = list(layout.domains)
     stats = aggregate(scores, rows, {n: (None, n) for n in layout.norms})
-    diffs = {"BIN - BN": ("bin", "bn")} if {"bn", "bin"} <= set(layout.norms) else {}
-    return stats, display_table(stats, rows, diffs, "domain")
+    base = baseline_norm(layout)
+    diffs = {f"{n.upper()} - {base.upper()}": (n, base) for n in _others(layout, base)}
+    return stats, display_table(stats, rows, diffs, "domain", count_label(layout))
+
+
+def baseline_norm(layout: Layout) -> str:
+    """The norm every other norm is compared with: bn when the sweep has it."""
+    return BASELINE_NORM if BASELINE_NORM in layout.norms else layout.norms[0]
+
+
+def count_label(layout: Layout) -> str:
+    """`BIN >= BN` (`IN / BIN >= BN` with several norms beside the baseline)."""
+    base = baseline_norm(layout)
+    return f"{' / '.join(n.upper() for n in _others(layout, base))} >= {base.upper()}"
+
+
+def _others(layout: Layout, base: str) -> list[str]:
+    return [n for n in layout.norms if n != base]
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -258,7 +275,7 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None) -> li
     try:
         layout = Layout.from_dict(record["layout"]) if record else None
         run_dirs = ([sweep_dir / r for r in record["runs"]] if record
-                    else sorted(p for p in (sweep_dir / RUNS_DIR).glob("*") if p.is_dir()))
+                    else sweep_run_dirs(sweep_dir))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"corrupt sweep record ({e!r} missing or malformed): "
                         f"{sweep_dir / RECORD}") from None
@@ -277,10 +294,11 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None) -> li
             continue
         stat, table = build(scores, layout)
         stats.append(stat.assign(setting=setting))
+        base = baseline_norm(layout).upper()
         note = (f"{what.capitalize()} in percent, mean ± std over seeds (sample std; the mean "
-                f"alone for one seed). `BIN - BN`: difference of means; `{COUNT_ROW}`: rows "
-                f"where BIN's mean is at least BN's. `{AVG}`: over the seeds that finished "
-                "every row.")
+                f"alone for one seed). `X - {base}`: difference of means; `{count_label(layout)}`:"
+                f" rows where X's mean is at least {base}'s. `{AVG}`: over the seeds that "
+                "finished every row.")
         heading = f"{title} accuracy (%) on {layout.dataset}"
         written.append(_write_csv(table, out_dir / f"{setting}_table.csv"))
         written.append(_write_markdown(table, out_dir / f"{setting}_table.md", heading, note,
@@ -326,7 +344,7 @@ def _layout_from_runs(configs: list[dict[str, Any]]) -> Layout:
     except UserError:  # e.g. a folder dataset whose root is gone
         domains = sorted({d for t in tasks for d in t})
         return Layout(configs[0]["dataset"], tuple(domains), {d: d for d in domains},
-                      tuple(sorted(tasks)), _ordered(methods, METHODS), _ordered(norms, NORMS),
+                      tuple(sorted(tasks)), _ordered(methods, METHODS.names()), _ordered(norms, NORMS.names()),
                       multidomain)
 
 

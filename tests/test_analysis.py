@@ -110,7 +110,7 @@ def test_summarize_gates_exact_numbers():
 
 
 def _bin_net() -> nn.Module:
-    from domadapt.nn import convert_norm
+    from domadapt.norms import convert_norm
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                         nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6)))

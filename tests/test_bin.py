@@ -1,4 +1,4 @@
-"""BatchInstanceNorm2d, convert_norm, gate helpers, gate parameter groups and clamp."""
+"""BatchInstanceNorm2d, convert_norm, gate helpers (the optimizer rules: test_optim.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,12 @@ from torch import Tensor, nn
 from domadapt.errors import UserError
 from domadapt.nn import (
     BatchInstanceNorm2d,
-    attach_gate_clamp,
     batch_instance_norm,
-    build_sgd,
-    convert_norm,
     gate_parameters,
     gate_values,
     mean_gate,
-    param_groups,
 )
+from domadapt.norms import convert_norm
 
 C = 5
 
@@ -326,81 +323,3 @@ def test_gate_helpers() -> None:
     assert model[1].rho.max().item() == 1.0
     assert mean_gate(model) == pytest.approx(2.0 / 6.0)
     assert [p is q for p, q in zip(gate_parameters(model), (model[1].rho, model[4].rho))] == [True] * 2
-
-
-# --------------------------------------------------------------------------- optimizer
-
-def tiny_bin_net() -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    backbone = convert_norm(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
-                                          nn.AdaptiveAvgPool2d(1), nn.Flatten()), "bin")
-    head = nn.Linear(8, 3)
-    return backbone, head
-
-
-def test_param_groups_gate_lr_and_decay() -> None:
-    backbone, head = tiny_bin_net()
-    head_with_gate = convert_norm(nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)), "bin")
-    backbone[0].bias.requires_grad_(False)
-    groups = param_groups(backbone, [head, head_with_gate], lr=0.01, weight_decay=1e-3)
-    by_name = {g["name"]: g for g in groups}
-    assert set(by_name) == {"backbone", "backbone/gates", "heads", "heads/gates"}
-    assert by_name["backbone/gates"]["params"] == [backbone[1].rho]
-    assert by_name["heads/gates"]["params"] == [head_with_gate[1].rho]
-    expected = {"backbone": (0.1, 1e-3), "backbone/gates": (1.0, 0.0), "heads": (1.0, 1e-3),
-                "heads/gates": (10.0, 0.0)}
-    for name, (mult, wd) in expected.items():
-        g = by_name[name]
-        assert g["lr_mult"] == pytest.approx(mult) and g["lr"] == pytest.approx(0.01 * mult)
-        assert g["weight_decay"] == wd and g["is_gate"] == name.endswith("gates")
-    listed = [id(p) for g in groups for p in g["params"]]
-    trainable = [p for m in (backbone, head, head_with_gate) for p in m.parameters() if p.requires_grad]
-    assert sorted(listed) == sorted(id(p) for p in trainable)  # each trainable param once
-    opt = build_sgd(backbone, [head], lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3)
-    gate_group = next(g for g in opt.param_groups if g["is_gate"])
-    assert gate_group["weight_decay"] == 0.0 and gate_group["lr"] == pytest.approx(0.01)
-
-
-def gate_step(opt: torch.optim.Optimizer, backbone: nn.Module, head: nn.Module) -> None:
-    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    opt.zero_grad()
-    F.cross_entropy(head(backbone(x)), torch.tensor([0, 1, 2, 0])).backward()
-    opt.step()
-
-
-def test_clamp_keeps_gates_in_unit_interval() -> None:
-    backbone, head = tiny_bin_net()
-    with torch.no_grad():
-        backbone[1].rho.fill_(0.5)
-    hyper = {"lr": 1e3, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0}
-    # Control: the same step without the clamp leaves [0, 1] ...
-    backbone_raw, head_raw = copy.deepcopy(backbone), copy.deepcopy(head)
-    plain = torch.optim.SGD(param_groups(backbone_raw, [head_raw], lr=1e3, weight_decay=0.0),
-                            **hyper)
-    gate_step(plain, backbone_raw, head_raw)
-    raw = backbone_raw[1].rho.detach()
-    assert ((raw < 0) | (raw > 1)).any()
-    # ... with it, the gates are exactly that step projected onto [0, 1].
-    opt = build_sgd(backbone, [head], **hyper)
-    attach_gate_clamp(opt)  # idempotent: still one hook
-    assert len(opt._optimizer_step_post_hooks) == 1
-    gate_step(opt, backbone, head)
-    assert torch.equal(backbone[1].rho.detach(), raw.clamp(0, 1))
-    for _ in range(3):
-        gate_step(opt, backbone, head)
-        rho = backbone[1].rho.detach()
-        assert rho.min() >= 0 and rho.max() <= 1
-
-
-def test_clamp_survives_load_state_dict() -> None:
-    backbone, head = tiny_bin_net()
-    opt = build_sgd(backbone, [head], lr=1e3, momentum=0.9, nesterov=False, weight_decay=0.0)
-    gate_step(opt, backbone, head)
-    state = copy.deepcopy(opt.state_dict())
-    with torch.no_grad():
-        backbone[1].rho.fill_(0.5)
-    opt.load_state_dict(state)
-    assert any(g["is_gate"] for g in opt.param_groups)
-    gate_step(opt, backbone, head)
-    rho = backbone[1].rho.detach()
-    assert rho.min() >= 0 and rho.max() <= 1 and ((rho == 0) | (rho == 1)).any()

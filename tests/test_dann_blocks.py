@@ -70,10 +70,10 @@ def test_schedules_end_points() -> None:
 def test_set_lr_scales_every_group_by_its_multiplier() -> None:
     backbone, head = nn.Linear(3, 3), nn.Linear(3, 2)
     opt = torch.optim.SGD(param_groups(backbone, [head], lr=0.01, weight_decay=0.0), lr=0.01)
-    base = set_lr(opt, 0.01, 1.0)
-    assert base == pytest.approx(0.01 * 11 ** -0.75)
+    base = 0.01 * lr_factor(1.0)
+    returned = set_lr(opt, base)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert lrs == pytest.approx({"backbone": 0.1 * base, "heads": base})
+    assert lrs == returned == pytest.approx({"backbone": 0.1 * base, "heads": base})
 
 
 def test_discriminator_shape_and_layers() -> None:

@@ -12,10 +12,12 @@ import torchvision
 from conftest import MOBILENET_WEIGHTS, needs_mobilenet
 from torch import nn
 
-from domadapt import models
+
+from domadapt.backbones import base as backbones_base
+from domadapt.backbones import build_backbone
 from domadapt.config import make_config
 from domadapt.errors import UserError
-from domadapt.models import DomainAdaptModel, build_backbone, build_model
+from domadapt.models import DomainAdaptModel, build_model
 from domadapt.nn import gate_parameters
 
 
@@ -150,7 +152,7 @@ def test_imagenet_offline_fails_fast_with_hint(tmp_path, monkeypatch):
 def test_download_times_out_on_a_silent_server(tmp_path, monkeypatch):
     """A host that accepts the connection but never answers must not hang the run."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(models, "DOWNLOAD_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(backbones_base, "DOWNLOAD_TIMEOUT_S", 0.5)
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)  # the kernel completes the handshake; nobody ever replies
@@ -163,7 +165,7 @@ def test_download_times_out_on_a_silent_server(tmp_path, monkeypatch):
     t0 = time.monotonic()
     try:
         with pytest.raises(UserError, match="--pretrained PATH"):
-            models._download(SilentWeights(), "resnet18")  # type: ignore[arg-type]
+            backbones_base.download_state_dict(SilentWeights(), "resnet18")  # type: ignore[arg-type]
     finally:
         server.close()
     assert time.monotonic() - t0 < 10

@@ -19,7 +19,9 @@ from PIL import Image
 
 from domadapt.config import make_config
 from domadapt.errors import UserError
-from domadapt.train import NonFiniteLoss, load_trained, predict, read_checkpoint, run
+from domadapt.evaluation import predict
+from domadapt.rundir import RunDir
+from domadapt.train import NonFiniteLoss, load_trained, run
 
 TIMING_KEYS = {"wall_seconds", "train_seconds", "images_per_second"}
 CLASSES = ("bar", "column", "cross")
@@ -131,7 +133,7 @@ def test_dann_bin_run_writes_the_run_directory(tree, tmp_path):
 def test_finished_run_is_not_retrained_and_other_configs_are_refused(tree, tmp_path):
     cfg = make_config(**_options(tree, method="source-only", norm="bn", iters=10))
     first = run(cfg, tmp_path / "r", device="cpu", quiet=True)
-    assert first["domain_loss"] is None and first["mean_gate"] is None
+    assert "domain_loss" not in first and "mean_gate" not in first  # DANN / BIN only
     stamp = (tmp_path / "r" / "checkpoint.pt").stat().st_mtime_ns
     again = run(cfg.replace(eval_every=5), tmp_path / "r", device="cpu", quiet=True)
     assert again == first
@@ -158,9 +160,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tree, tmp_path
     opts = _options(tree, lr=1e12, iters=50, checkpoint_every=1, eval_every=1)
     with pytest.raises(NonFiniteLoss, match="diverged: the (loss|weights) became non-finite"):
         run(make_config(**opts), tmp_path / "r", device="cpu", quiet=True)
-    ckpt = read_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    ckpt = RunDir(tmp_path / "r").read_checkpoint()
     assert 0 < ckpt["state"]["iteration"] < 50
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in ckpt["method"].values() if v.is_floating_point())
     assert not (tmp_path / "r" / "metrics.json").exists()
     code, _out, err = run_cli("train", *_cli_args(opts), "--out", tmp_path / "r", "--quiet")
     assert code != 0 and err.startswith("error: training diverged") and err.count("\n") == 1
@@ -202,7 +204,7 @@ def test_sigkill_then_resume_gives_identical_metrics(reference, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "metrics.json").exists(), "killed too late to test anything"
-    killed_at = read_checkpoint(out / "checkpoint.pt")["state"]["iteration"]
+    killed_at = RunDir(out).read_checkpoint()["state"]["iteration"]
     assert 0 < killed_at < 120
     proc = _start([*args, "--out", str(out)])
     assert proc.wait(timeout=300) == 0, proc.communicate()
@@ -237,14 +239,14 @@ def test_ddp_two_processes_on_cpu(tree, tmp_path):
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "domadapt", "train", *args, "--out", str(out), "--quiet", "--device", "cpu"],
+         "-m", "cli", "train", *args, "--out", str(out), "--quiet", "--device", "cpu"],
         check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("target accuracy") == 1  # printed by rank 0 only
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["iters"] == 30
     assert [int(r["iter"]) for r in _log_rows(out)] == [15, 30]
-    ckpt = read_checkpoint(out / "checkpoint.pt")
+    ckpt = RunDir(out).read_checkpoint()
     assert len(ckpt["ranks"]) == 2  # each rank's loader position, for resuming
     single = run(make_config(**_options(tree, iters=30, eval_every=15)), tmp_path / "single",
                  device="cpu", quiet=True)

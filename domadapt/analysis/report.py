@@ -104,7 +104,7 @@ def analysis_sets(cfg: RunConfig) -> tuple[dict[str, Dataset], tuple[str, ...], 
                  to); classification is scored on the target, as in metrics.json.
     multidomain: every domain's test split; scored on all of them (confusion pooled).
     """
-    from domadapt.train import build_data
+    from domadapt.settings import build_data
 
     data = build_data(cfg)
     if cfg.setting == "transfer":
@@ -257,7 +257,7 @@ COMPARE_SETTINGS = (  # setting, figure, title, y label
 def find_tables(sweep_dir: Path) -> Path:
     """The folder holding a sweep's tables: `sweep_dir` itself, or the `results` folder its
     sweep.json records (`domadapt sweep --results`)."""
-    from domadapt.tables import RECORD
+    from domadapt.rundir import RECORD
 
     if not sweep_dir.is_dir():
         raise UserError(f"sweep directory not found: {sweep_dir}")

@@ -11,12 +11,21 @@ lambda(p) = 2 / (1 + exp(-alpha p)) - 1 rises from 0 to ~1 over training progres
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from dataclasses import dataclass
 
-from domadapt.methods.source_only import StepOutput, batch_accuracy
-from domadapt.models import DomainAdaptModel
+import torch
+from torch import Tensor
+
+from domadapt.errors import UserError
+from domadapt.methods.base import (
+    Method,
+    Step,
+    StepOutput,
+    batch_accuracy,
+    register_method,
+    stat,
+    supervised_loss,
+)
 from domadapt.nn import (
     DomainDiscriminator,
     domain_accuracy,
@@ -24,9 +33,30 @@ from domadapt.nn import (
     grad_reverse,
     grl_coefficient,
 )
+from domadapt.registry import hparam
 
 
-class DANN(nn.Module):
+@dataclass(frozen=True)
+class AdversarialHparams:
+    """Options shared by the domain-adversarial methods (DANN, CDAN)."""
+
+    adv_weight: float = hparam(1.0, "weight w of the domain-adversarial loss")
+    disc_hidden: int = hparam(1024, "width of the domain discriminator's hidden layers")
+
+    def __post_init__(self) -> None:
+        if self.adv_weight < 0:
+            raise UserError(f"--adv-weight must be >= 0, got {self.adv_weight}")
+        if self.disc_hidden <= 0:
+            raise UserError(f"--disc-hidden must be positive, got {self.disc_hidden}")
+
+
+def grl_lambda(hp: AdversarialHparams, step: Step) -> float:
+    """The gradient-reversal coefficient lambda at `step`."""
+    return grl_coefficient(step.progress)
+
+
+@register_method
+class DANN(Method):
     """Domain-adversarial training with a gradient reversal layer.
 
     BatchNorm statistics: source and target are forwarded *concatenated*, as one batch of
@@ -40,44 +70,37 @@ class DANN(nn.Module):
     - honest adversary: per-domain batch statistics would erase exactly the mean/variance
       differences the discriminator is meant to see, making the adversarial loss look solved
       while the test-time features (normalized with shared running statistics) still differ.
-    - it is the choice of common reference implementations (e.g. Transfer-Learning-Library's
-      DANN), so results stay comparable with published Office-Home numbers.
+    - it is what Transfer-Learning-Library's DANN does.
     The source classifier therefore also trains on features normalized with mixed statistics,
     the same normalization the target sees at test time.
     """
 
+    name = "dann"
+    help = "domain-adversarial training with a gradient reversal layer (Ganin et al.)"
+    Hparams = AdversarialHparams
     uses_target = True
 
-    def __init__(self, model: DomainAdaptModel, *, disc_hidden: int = 1024,
-                 adv_weight: float = 1.0, grl_alpha: float = 10.0) -> None:
-        super().__init__()
-        self.model = model
-        self.discriminator = DomainDiscriminator(model.classifier.in_features, hidden=disc_hidden)
-        self.adv_weight = adv_weight
-        self.grl_alpha = grl_alpha
+    def __init__(self, model, hp: AdversarialHparams, *, num_classes: int) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(model, hp, num_classes=num_classes)
+        self.discriminator = DomainDiscriminator(model.classifier.in_features, hidden=hp.disc_hidden)
 
-    def heads(self) -> list[nn.Module]:
-        return [self.model.bottleneck, self.model.classifier, self.discriminator]
-
-    def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor | None = None,
-                p: float = 0.0) -> StepOutput:
+    def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor | None, step: Step) -> StepOutput:
         if x_t is None:
             raise ValueError("DANN needs a target batch")
         n_s = x_s.shape[0]
         logits, features = self.model(torch.cat([x_s, x_t]))
         logits_s = logits[:n_s]
-        coeff = grl_coefficient(p, alpha=self.grl_alpha)
+        coeff = grl_lambda(self.hp, step)
         d = self.discriminator(grad_reverse(features, coeff)).float()
         d_s, d_t = d[:n_s], d[n_s:]
-        cls_loss = F.cross_entropy(logits_s.float(), y_s)
+        cls_loss = supervised_loss(logits_s, y_s)
         domain_loss = domain_adversarial_loss(d_s, d_t)
-        loss = cls_loss + self.adv_weight * domain_loss
-        with torch.no_grad():
-            stats = {
-                "cls_loss": cls_loss.detach(),
-                "domain_loss": domain_loss.detach(),
-                "disc_acc": torch.as_tensor(domain_accuracy(d_s, d_t), dtype=torch.float32),
-                "train_acc": batch_accuracy(logits_s, y_s),
-                "grl_coeff": torch.as_tensor(float(coeff)),
-            }
+        loss = cls_loss + self.hp.adv_weight * domain_loss
+        stats = {
+            "cls_loss": cls_loss.detach(),
+            "domain_loss": domain_loss.detach(),
+            "disc_acc": stat(domain_accuracy(d_s.detach(), d_t.detach())),
+            "train_acc": batch_accuracy(logits_s.detach(), y_s),
+            "grl_coeff": stat(float(coeff)),
+        }
         return StepOutput(loss, stats)

@@ -5,42 +5,27 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from torch import Tensor
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from domadapt.models import DomainAdaptModel
-
-
-class StepOutput(NamedTuple):
-    """One iteration: the loss to back-propagate and detached scalar statistics."""
-
-    loss: Tensor
-    stats: dict[str, Tensor]
+from domadapt.methods.base import (
+    Method,
+    Step,
+    StepOutput,
+    batch_accuracy,
+    register_method,
+    supervised_loss,
+)
 
 
-def batch_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    return (logits.argmax(1) == labels).float().mean()
-
-
-class SourceOnly(nn.Module):
+@register_method
+class SourceOnly(Method):
     """ERM on the source (or, in the multi-domain setting, on the pooled training domains)."""
 
-    uses_target = False
+    name = "source-only"
+    help = "ERM on the labelled source (the multi-domain setting's only method)"
 
-    def __init__(self, model: DomainAdaptModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def heads(self) -> list[nn.Module]:
-        return [self.model.bottleneck, self.model.classifier]
-
-    def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor | None = None,
-                p: float = 0.0) -> StepOutput:
+    def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor | None, step: Step) -> StepOutput:
         logits, _ = self.model(x_s)
-        cls_loss = F.cross_entropy(logits.float(), y_s)
-        with torch.no_grad():
-            stats = {"cls_loss": cls_loss.detach(), "train_acc": batch_accuracy(logits, y_s)}
+        cls_loss = supervised_loss(logits, y_s)
+        stats = {"cls_loss": cls_loss.detach(), "train_acc": batch_accuracy(logits, y_s)}
         return StepOutput(cls_loss, stats)

@@ -1,12 +1,10 @@
-"""Neural-network building blocks: BIN and norm conversion, DANN blocks, optimizer helpers."""
+"""Neural-network building blocks: the BIN layer, DANN blocks, optimizer helpers."""
 
 from domadapt.nn.bin import (
     GATE_HIGH,
     GATE_LOW,
-    NORM_KINDS,
     BatchInstanceNorm2d,
     batch_instance_norm,
-    convert_norm,
     gate_fraction_below,
     gate_parameters,
     gate_values,
@@ -20,9 +18,9 @@ from domadapt.nn.heads import (
     domain_adversarial_loss,
 )
 from domadapt.nn.optim import (
-    attach_gate_clamp,
+    attach_clamp,
     build_sgd,
-    gate_groups,
+    clamped_groups,
     lr_factor,
     param_groups,
     set_lr,
@@ -31,19 +29,17 @@ from domadapt.nn.optim import (
 __all__ = [
     "GATE_HIGH",
     "GATE_LOW",
-    "NORM_KINDS",
     "BatchInstanceNorm2d",
     "Bottleneck",
     "DomainDiscriminator",
     "GradientReversal",
-    "attach_gate_clamp",
+    "attach_clamp",
     "batch_instance_norm",
     "build_sgd",
-    "convert_norm",
+    "clamped_groups",
     "domain_accuracy",
     "domain_adversarial_loss",
     "gate_fraction_below",
-    "gate_groups",
     "gate_parameters",
     "gate_values",
     "grad_reverse",

@@ -1,0 +1,81 @@
+"""Command-line options generated from the one declaration of every setting: RunConfig's fields
+and the plug-ins' hyper-parameters (`domadapt.config.core_fields`, `plugin_options`).
+
+`@config_options(exclude=...)` adds one `--option` per setting to a typer command; the command
+receives them as `options` (None = not given: the preset's value, else the default, applies).
+Each option's help shows its default.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from domadapt.config import core_fields, plugin_options
+
+PANEL_PLUGINS = "Method / norm options"
+
+
+def option(*names: str, help: str, panel: str = "Run", default: str | bool = False,
+           **kw: Any) -> Any:
+    """A typer option in a help panel; `default` is the text shown as its default."""
+    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=default, **kw)
+
+
+def _flag(name: str, kind: type) -> tuple[str, ...]:
+    flag = "--" + name.replace("_", "-")
+    return (f"{flag}/--no-{flag[2:]}",) if kind is bool else (flag,)
+
+
+def _parameter(name: str, kind: Any, help: str, default: Any, panel: str) -> inspect.Parameter:
+    shown = "none" if default is None else str(default).lower() if kind is bool else str(default)
+    base = bool if kind is bool else int if kind is int else float if kind is float else str
+    annotation = Annotated[base | None, option(*_flag(name, base), help=help, panel=panel,
+                                                default=shown)]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=annotation)
+
+
+def _field_type(annotation: Any) -> type:
+    text = str(annotation)
+    for kind in (bool, int, float):
+        if text.startswith(kind.__name__):
+            return kind
+    return str
+
+
+def config_parameters(exclude: set[str]) -> list[inspect.Parameter]:
+    """One keyword parameter per RunConfig field and plug-in option not in `exclude`."""
+    params = [_parameter(f.name, _field_type(f.type), f.metadata["help"], f.default,
+                         f.metadata["panel"])
+              for f in core_fields() if f.metadata.get("cli", True) and f.name not in exclude]
+    for name, (spec, owners) in plugin_options().items():
+        if name not in exclude:
+            params.append(_parameter(name, spec.type, f"{spec.help} ({', '.join(owners)})",
+                                     spec.default, PANEL_PLUGINS))
+    return params
+
+
+def config_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the command gets every setting as an option, collected into `options`."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "options"]
+        extra = config_parameters(set(exclude) | {p.name for p in own})
+        names = {p.name for p in extra}
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            return fn(**kwargs, options=options)
+
+        wrapper.__signature__ = sig.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {}
+        return wrapper
+
+    return decorate

@@ -1,0 +1,473 @@
+"""The training loop and its hooks (after detectron2's train loop).
+
+The loop knows only that training runs one step at a time:
+
+    for hook in hooks: hook.before_train(trainer)
+    while trainer.state.iteration < cfg.iters:
+        trainer.run_step()                    # one SGD iteration of the method
+        for hook in hooks: hook.after_step(trainer)
+    for hook in hooks: hook.after_train(trainer)     # also on an exception
+
+Hooks, in this order (`default_hooks`): ProgressBar, Evaluate (every `eval_every`
+iterations and at the end: evaluation, log row, log.csv), Clock (wall time), Checkpoint
+(every `checkpoint_every` and at the end), StopOnSignal (after the first SIGINT/SIGTERM:
+checkpoint, then KeyboardInterrupt). The trainer's state composes from its parts: the method's
+`state_dict()` (model and every extra module), the optimizer, the grad scaler, every rank's
+loader positions and RNG states, and `TrainState`.
+
+Optimization: SGD (Nesterov) with per-group multipliers (`domadapt.nn.build_sgd`: backbone
+`backbone_lr_mult` x, the norm's special parameters by their own rule), lr = lr0 x
+(1 + gamma p)^-decay with p = iteration / iters; batch = `batch_size` source (+ `batch_size`
+target when the method uses the target) images.
+
+log.csv has one row per evaluation: iter, the means of the method's statistics since the
+previous row (e.g. cls_loss, train_acc, domain_loss, disc_acc, grl_coeff), source_acc,
+target_acc (multidomain: the mean of acc_<domain>), the norm's diagnostics (e.g. mean_gate),
+lr (the head lr), <label>_lr for special parameters (e.g. gates_lr), images_per_second.
+
+Distributed (torchrun): `batch_size` is the global batch per domain, split over the ranks;
+gradients are averaged by DDP. Training-window statistics are rank 0's share of each batch;
+evaluation numbers cover the whole domain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from domadapt.config import RunConfig
+from domadapt.data import InfiniteLoader
+from domadapt.distributed import DistContext
+from domadapt.errors import UserError
+from domadapt.evaluation import accuracy, per_class_accuracy, predict, to_device
+from domadapt.methods import Step, build_method
+from domadapt.models import DomainAdaptModel, build_model
+from domadapt.nn import build_sgd, lr_factor, set_lr
+from domadapt.norms import get_norm
+from domadapt.progress import progress
+from domadapt.rundir import RunDir
+from domadapt.settings import RunData, result_accuracy
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN/inf: training stops, the last good checkpoint is kept."""
+
+
+@dataclass
+class Window:
+    """Sums of per-iteration statistics since the last evaluation."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    iters: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+    def add(self, stats: dict[str, float], images: int, seconds: float) -> None:
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.iters += 1
+        self.images += images
+        self.seconds += seconds
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.iters for k, v in self.sums.items()} if self.iters else {}
+
+
+@dataclass
+class TrainState:
+    """Progress of a run besides the modules: what a checkpoint stores next to the weights."""
+
+    iteration: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    window: Window = field(default_factory=Window)
+    last_window: dict[str, float] = field(default_factory=dict)  # means of the last full window
+    last_eval: dict[str, Any] | None = None
+    wall_seconds: float = 0.0
+    train_seconds: float = 0.0
+    train_images: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration, "log": self.log, "window": vars(self.window),
+            "last_window": self.last_window, "last_eval": self.last_eval,
+            "wall_seconds": self.wall_seconds, "train_seconds": self.train_seconds,
+            "train_images": self.train_images,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        d = dict(d)
+        d["window"] = Window(**d["window"])
+        return cls(**d)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA: bfloat16 where supported (no loss scaling needed), else
+    float16 (with a GradScaler); None (float32) on CPU."""
+    if device.type != "cuda":
+        return None
+    native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8  # Ampere+; no emulation
+    return torch.bfloat16 if native_bf16 else torch.float16
+
+
+def derive_seed(seed: int, stream: str) -> int:
+    """An independent 32-bit seed for one named random stream of a run."""
+    return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
+
+
+# -- hooks --------------------------------------------------------------------------------------
+
+class Hook:
+    """Called by `Trainer.fit` around the loop; override what you need."""
+
+    def before_train(self, trainer: Trainer) -> None: ...
+    def after_step(self, trainer: Trainer) -> None: ...
+    def after_train(self, trainer: Trainer) -> None: ...
+
+
+def due(trainer: Trainer, every: int) -> bool:
+    """True every `every` iterations and at the last one."""
+    it = trainer.state.iteration
+    return it % every == 0 or it == trainer.cfg.iters
+
+
+class ProgressBar(Hook):
+    def before_train(self, trainer: Trainer) -> None:
+        st = trainer.state
+        self.bar = progress(total=trainer.cfg.iters, initial=st.iteration, quiet=trainer.quiet,
+                            desc=trainer.cfg.name(), unit="it")
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.bar.update(1)
+        st = trainer.state
+        if st.iteration % 10 == 0 or st.iteration == trainer.cfg.iters:
+            last = st.last_eval["acc"]["target"] if st.last_eval else float("nan")
+            self.bar.set_postfix(loss=f"{trainer.last_stats.get('cls_loss', float('nan')):.3f}",
+                                 tgt_acc=f"{last:.3f}", refresh=False,
+                                 img_s=f"{trainer.last_images / max(trainer.last_dt, 1e-9):.0f}")
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.bar.close()
+
+
+class Evaluate(Hook):
+    """Evaluate, append a log row, rewrite log.csv, start a new statistics window."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        if due(trainer, trainer.cfg.eval_every):
+            trainer.evaluate_and_log()
+
+
+class Clock(Hook):
+    def before_train(self, trainer: Trainer) -> None:
+        self.start, self.wall0 = time.perf_counter(), trainer.state.wall_seconds
+
+    def after_step(self, trainer: Trainer) -> None:
+        trainer.state.wall_seconds = self.wall0 + time.perf_counter() - self.start
+
+
+class Checkpoint(Hook):
+    def after_step(self, trainer: Trainer) -> None:
+        if due(trainer, trainer.cfg.checkpoint_every):
+            trainer.save_checkpoint()
+
+
+class StopOnSignal(Hook):
+    """After the first SIGINT / SIGTERM: checkpoint at the end of the step, then stop."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        self._ctx = deferred_stop(enabled=not trainer.ctx.distributed)
+        self.interrupted = self._ctx.__enter__()
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.interrupted():
+            trainer.save_checkpoint()
+            raise KeyboardInterrupt
+
+    def after_train(self, trainer: Trainer) -> None:
+        self._ctx.__exit__(None, None, None)
+
+
+def default_hooks() -> list[Hook]:
+    return [ProgressBar(), Evaluate(), Clock(), Checkpoint(), StopOnSignal()]
+
+
+# -- the trainer --------------------------------------------------------------------------------
+
+class Trainer:
+    """Trains `cfg` on `data`; rank 0 of `ctx` writes log, checkpoints and metrics."""
+
+    def __init__(self, cfg: RunConfig, data: RunData, run_dir: RunDir, ctx: DistContext,
+                 *, quiet: bool = False, hooks: list[Hook] | None = None) -> None:
+        if cfg.batch_size % ctx.world_size:
+            raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the "
+                            f"{ctx.world_size} processes")
+        self.cfg, self.data, self.run_dir, self.ctx = cfg, data, run_dir, ctx
+        self.quiet = quiet or not ctx.is_main
+        self.hooks = default_hooks() if hooks is None else hooks
+        self.device = ctx.device
+        cuda = self.device.type == "cuda"
+        self.channels_last = cuda and cfg.channels_last
+        self.amp_dtype = autocast_dtype(self.device) if cfg.amp else None
+        self.norm = get_norm(cfg.norm)
+
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        self.model: DomainAdaptModel = build_model(cfg, len(data.classes))
+        self.method = build_method(cfg.method, self.model, cfg.method_options,
+                                   num_classes=len(data.classes)).to(self.device)
+        if self.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        self.train_module: nn.Module = self.method
+        if ctx.distributed:
+            # BN / BIN statistics stay per process (b source + b target images each), not
+            # SyncBatchNorm: the fused BIN layer has no synchronized variant, and per-process
+            # statistics over a mixed batch are what single-GPU DANN training computes too.
+            # Running statistics are rank 0's (DDP broadcasts buffers every forward).
+            self.train_module = nn.parallel.DistributedDataParallel(
+                self.method, device_ids=[self.device.index] if cuda else None)
+        self.special = self.norm.special_params(self.model, cfg.norm_hparams)
+        self.optimizer = build_sgd(
+            self.model.backbone, self.method.heads(), lr=cfg.lr, momentum=cfg.momentum,
+            nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+            backbone_lr_mult=cfg.backbone_lr_mult, special=self.special)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        per_rank = cfg.batch_size // ctx.world_size
+        self.loaders = {
+            name: InfiniteLoader(ds, per_rank, seed=derive_seed(cfg.seed, name),
+                                 num_workers=cfg.num_workers, rank=ctx.rank,
+                                 world_size=ctx.world_size, pin_memory=cuda)
+            for name, ds in data.train.items()
+        }
+        self.state = TrainState()
+        self.lrs: dict[str, float] = {}
+        self.last_stats: dict[str, float] = {}
+        self.last_images, self.last_dt = 0, 0.0
+        torch.manual_seed(derive_seed(cfg.seed, "train"))
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _rank_state(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        cuda = self.device.type == "cuda"
+        return {
+            "loaders": {k: v.state_dict() for k, v in self.loaders.items()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if cuda else None,
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                          *np_state[2:]],
+                "python": random.getstate(),
+            },
+        }
+
+    def save_checkpoint(self) -> None:
+        """Atomically write everything needed to continue bit-identically (rank 0 writes,
+        every rank contributes its loader positions and RNG states)."""
+        if not all(bool(torch.isfinite(t).all()) for t in self.method.state_dict().values()
+                   if t.is_floating_point()):
+            self._diverged(self.state.iteration, {}, "the weights")  # keep the good checkpoint
+        rank_states = self.ctx.all_gather_object(self._rank_state())
+        if self.ctx.is_main:
+            self.run_dir.save_checkpoint({
+                "key": self.cfg.key(),
+                "world_size": self.ctx.world_size,
+                "method": self.method.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "ranks": rank_states,
+                "state": self.state.to_dict(),
+            })
+        self.ctx.barrier()
+
+    def load_checkpoint(self) -> bool:
+        """Continue from the run directory's checkpoint if there is one; True if loaded."""
+        path = self.run_dir.checkpoint_path
+        if not path.is_file():
+            return False
+        ckpt = self.run_dir.read_checkpoint(map_location=self.device)
+        if ckpt.get("key") != self.cfg.key():
+            raise UserError(f"{path}: belongs to a different run configuration")
+        if ckpt["world_size"] != self.ctx.world_size:
+            raise UserError(f"{path}: written by {ckpt['world_size']} processes, "
+                            f"resume with the same number (now {self.ctx.world_size})")
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"]:  # empty when saved without loss scaling (CPU, bf16)
+            self.scaler.load_state_dict(ckpt["scaler"])
+        mine = ckpt["ranks"][self.ctx.rank]
+        for name, loader in self.loaders.items():
+            loader.load_state_dict(mine["loaders"][name])
+        rng = mine["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        np_state = rng["numpy"]
+        np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+        random.setstate(_as_tuples(rng["python"]))
+        self.state = TrainState.from_dict(ckpt["state"])
+        return True
+
+    # -- evaluation -------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Accuracy on every evaluation set, per-class accuracy on the result domains (pooled),
+        the norm's diagnostics."""
+        acc: dict[str, float] = {}
+        scored: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, ds in self.data.evals.items():
+            scored[name] = predict(self.model, ds, batch_size=2 * self.cfg.batch_size,
+                                   num_workers=self.cfg.num_workers, device=self.device,
+                                   autocast=self.autocast(), channels_last=self.channels_last)
+            acc[name] = accuracy(*scored[name])
+        acc["target"] = result_accuracy(self.cfg, acc, self.data)
+        preds = torch.cat([scored[d][0] for d in self.data.targets])
+        labels = torch.cat([scored[d][1] for d in self.data.targets])
+        return {"acc": acc, "per_class": per_class_accuracy(preds, labels, self.data.classes),
+                "diagnostics": self.norm.diagnostics(self.model)}
+
+    def _log_row(self, ev: dict[str, Any]) -> dict[str, Any]:
+        row: dict[str, Any] = {"iter": self.state.iteration, **self.state.window.means(),
+                               "source_acc": ev["acc"].get("source"),
+                               "target_acc": ev["acc"]["target"], **ev["diagnostics"],
+                               "lr": self.lrs.get("heads")}
+        if self.special is not None:
+            row[f"{self.special.label}_lr"] = self.lrs.get(f"heads/{self.special.label}",
+                                                           self.lrs.get(f"backbone/{self.special.label}"))
+        row["images_per_second"] = (self.state.window.images
+                                    / max(self.state.window.seconds, 1e-9))
+        if self.cfg.setting == "multidomain":
+            row |= {f"acc_{d}": ev["acc"][d] for d in self.data.domains}
+        return row
+
+    def evaluate_and_log(self) -> None:
+        st = self.state
+        ev = self.evaluate() if self.ctx.is_main else None
+        ev = self.ctx.broadcast_object(ev)
+        st.log.append(self._log_row(ev))
+        st.last_eval = ev
+        st.last_window = st.window.means()
+        st.window = Window()
+        if self.ctx.is_main:
+            self.run_dir.write_log(st.log)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _batch(self, name: str) -> tuple[Tensor, Tensor]:
+        x, y = next(self.loaders[name])
+        return to_device(x, self.device, self.channels_last), y.to(self.device, non_blocking=True)
+
+    def run_step(self) -> None:
+        """One SGD iteration; updates the state's counters and statistics window."""
+        cfg, st = self.cfg, self.state
+        t0 = time.perf_counter()
+        step = Step(st.iteration, cfg.iters)
+        base = cfg.lr * lr_factor(step.progress, cfg.lr_gamma, cfg.lr_decay)
+        self.lrs = set_lr(self.optimizer, base)
+        x_s, y_s = self._batch("source")
+        x_t = self._batch("target")[0] if "target" in self.loaders else None
+        with self.autocast():
+            loss, stats = self.train_module(x_s, y_s, x_t, step)
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if int(self.ctx.all_reduce_sum(finite)) != self.ctx.world_size:
+            self._diverged(st.iteration + 1, stats, "the loss")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        images = (x_s.shape[0] + (x_t.shape[0] if x_t is not None else 0)) * self.ctx.world_size
+        self.last_stats = {k: float(v) for k, v in stats.items()}
+        self.last_dt, self.last_images = time.perf_counter() - t0, images
+        st.iteration += 1
+        st.window.add(self.last_stats, images, self.last_dt)
+        st.train_seconds += self.last_dt
+        st.train_images += images
+
+    def _diverged(self, iteration: int, stats: dict[str, Tensor], what: str) -> None:
+        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in stats.items() if k.endswith("loss"))
+        path = self.run_dir.checkpoint_path
+        kept = (f"last good checkpoint kept: {path}" if path.is_file()
+                else "no checkpoint was written yet")
+        raise NonFiniteLoss(
+            f"training diverged: {what} became non-finite at iteration {iteration}"
+            f"{f' ({shown})' if shown else ''}; lower --lr (now {self.cfg.lr}); {kept}")
+
+    def fit(self) -> None:
+        """Train from `state.iteration` to `cfg.iters`, calling the hooks (module docstring)."""
+        self.method.train()
+        started: list[Hook] = []
+        try:
+            for hook in self.hooks:
+                hook.before_train(self)
+                started.append(hook)
+            while self.state.iteration < self.cfg.iters:
+                self.run_step()
+                for hook in self.hooks:
+                    hook.after_step(self)
+        finally:
+            for hook in reversed(started):
+                hook.after_train(self)
+
+    def metrics(self) -> dict[str, Any]:
+        """Final metrics of a finished run (numbers of the last iteration's evaluation)."""
+        from domadapt.settings import setting_metrics
+
+        st, ev, w = self.state, self.state.last_eval, self.state.last_window
+        assert ev is not None and st.iteration == self.cfg.iters
+        return {
+            "run_key": self.cfg.key(), "name": self.cfg.name(),
+            "target_acc": ev["acc"]["target"], "source_acc": ev["acc"].get("source"),
+            "per_class_target_acc": ev["per_class"], **w, **ev["diagnostics"],
+            "iters": st.iteration, "wall_seconds": st.wall_seconds,
+            "train_seconds": st.train_seconds,
+            "images_per_second": st.train_images / max(st.train_seconds, 1e-9),
+            "world_size": self.ctx.world_size, "device": str(self.device),
+            **setting_metrics(self.cfg, ev["acc"], self.data),
+        }
+
+
+def _as_tuples(obj: Any) -> Any:
+    """random.setstate needs tuples where serialization may have produced lists."""
+    return tuple(_as_tuples(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `kill`, Slurm's stop/preempt signal
+
+
+@contextlib.contextmanager
+def deferred_stop(enabled: bool = True) -> Iterator[Any]:
+    """Turn the first SIGINT or SIGTERM into a flag the loop checks between iterations (so the
+    checkpoint it then writes is consistent); a second one interrupts at once. A signal the
+    process ignores (SIGINT of a job a script put in the background) stays ignored. Main
+    thread only."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hit = [False]
+    previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) != signal.SIG_IGN}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if hit[0]:
+            raise KeyboardInterrupt
+        hit[0] = True
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield lambda: hit[0]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python

@@ -1,0 +1,155 @@
+"""Normalization kinds as plug-ins: how a kind is built from a 2-d norm layer (carrying affine
+and running statistics), which of its parameters follow a special optimizer rule, and which
+diagnostics it reports.
+
+    convert_norm(model, "bin")   # every BatchNorm2d / InstanceNorm2d / BIN layer -> BIN
+
+A kind lives in one module of `domadapt.norms` that calls `register_norm(...)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from domadapt.errors import UserError
+from domadapt.registry import NoHparams, Registry, make_hparams
+
+
+@dataclass(frozen=True)
+class SpecialParams:
+    """Parameters that take their own optimizer group in every part of the network.
+
+    lr = lr0 * lr_mult * schedule              (relative=False: the base learning rate)
+    lr = lr0 * layer_mult * lr_mult * schedule (relative=True: the lr of the layer they sit in)
+    no weight decay; after every step each entry is clamped to `clamp` (lo, hi) if given.
+    `label` names the groups (`backbone/<label>`) and the log column (`<label>_lr`).
+    """
+
+    label: str
+    params: tuple[nn.Parameter, ...]
+    lr_mult: float
+    relative: bool
+    clamp: tuple[float, float] | None = None
+
+
+class NormKind:
+    """One normalization kind. Subclasses set `name`, `layer_type` and, if they have any,
+    `Hparams`; override `special_params` and `diagnostics` where the kind has them."""
+
+    name: ClassVar[str]
+    layer_type: ClassVar[type[nn.Module]]
+    Hparams: ClassVar[type] = NoHparams
+    help: ClassVar[str] = ""
+
+    def build(self, old: nn.Module) -> nn.Module:
+        """A new layer of this kind carrying `old`'s affine, eps, momentum, running statistics,
+        num_batches_tracked, device, dtype, requires_grad and train/eval mode."""
+        ref = next(iter(old.parameters()), None)
+        if ref is None:
+            ref = next(iter(old.buffers()), None)
+        factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+        track = self.tracks_running_stats and (
+            getattr(old, "track_running_stats", False) or isinstance(old, nn.InstanceNorm2d))
+        new = self.layer_type(old.num_features, eps=old.eps, momentum=old.momentum,
+                              affine=old.affine, track_running_stats=track, **factory)
+        with torch.no_grad():
+            for name in ("weight", "bias"):
+                src, dst = getattr(old, name, None), getattr(new, name, None)
+                if src is not None and dst is not None:
+                    dst.copy_(src)
+                    dst.requires_grad_(src.requires_grad)
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                src, dst = getattr(old, name, None), getattr(new, name, None)
+                if src is not None and dst is not None:
+                    dst.copy_(src)
+        return new.train(old.training)
+
+    tracks_running_stats: ClassVar[bool] = True  # IN: False (always each sample's own moments)
+
+    def special_params(self, model: nn.Module, hp: Any) -> SpecialParams | None:
+        """This kind's parameters that need their own optimizer rule (None: none)."""
+        return None
+
+    def diagnostics(self, model: nn.Module) -> dict[str, float | None]:
+        """Scalars logged at every evaluation and kept in metrics.json (e.g. the mean gate)."""
+        return {}
+
+    def diagnostic_names(self) -> tuple[str, ...]:
+        return ()
+
+
+NORMS: Registry[NormKind] = Registry("norm")
+
+
+def register_norm(kind: type[NormKind]) -> type[NormKind]:
+    """Class decorator: register one instance of `kind` under `kind.name`."""
+    NORMS.register(kind.name, kind())
+    return kind
+
+
+def get_norm(name: str) -> NormKind:
+    return NORMS.get(name)
+
+
+def norm_hparams(name: str, values: dict[str, Any] | None = None) -> Any:
+    return make_hparams(get_norm(name).Hparams, values or {})
+
+
+def _norm_types() -> tuple[type[nn.Module], ...]:
+    return tuple(kind.layer_type for _, kind in NORMS.items())
+
+
+def _wrapped(old: nn.Module, new: nn.Module, kind: str) -> nn.Module:
+    """Keep what a subclass of a norm layer does after normalizing (timm's BatchNormAct2d:
+    dropout, then activation), or refuse in one line when that is unknown."""
+    if type(old) in _norm_types():
+        return new
+    drop, act = getattr(old, "drop", None), getattr(old, "act", None)
+    if isinstance(drop, nn.Module) and isinstance(act, nn.Module):
+        return nn.Sequential(new, drop, act)
+    raise UserError(f"cannot convert {type(old).__name__} to --norm {kind}: it is a subclass of "
+                    f"a norm layer whose extra behaviour would be lost")
+
+
+def convert_norm(model: nn.Module, kind: str) -> nn.Module:
+    """Replace, in place, every 2-d norm layer of a registered kind by `kind`.
+
+    Layers already of `kind` (or a subclass) are kept, so converting twice is a no-op; BN ->
+    BIN leaves a network's outputs unchanged in train and eval mode; BIN -> BN drops rho.
+    Returns `model`, or the new layer when `model` is itself a norm layer.
+    """
+    target = get_norm(kind)
+    if isinstance(model, target.layer_type):
+        return model
+    if isinstance(model, _norm_types()):
+        return _wrapped(model, target.build(model), kind)
+    for name, child in model.named_children():
+        converted = convert_norm(child, kind)
+        if converted is not child:
+            setattr(model, name, converted)
+    return model
+
+
+def count_norm_layers(model: nn.Module) -> int:
+    return sum(isinstance(m, _norm_types()) for m in model.modules())
+
+
+def norm_names() -> tuple[str, ...]:
+    return NORMS.names()
+
+
+def all_params(modules: Iterable[nn.Module], layer_type: type[nn.Module],
+               attr: str) -> tuple[nn.Parameter, ...]:
+    """Parameter `attr` of every `layer_type` layer inside `modules`, each once, in order."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in modules:
+        for layer in m.modules():
+            if isinstance(layer, layer_type):
+                p = getattr(layer, attr)
+                seen.setdefault(id(p), p)
+    return tuple(seen.values())

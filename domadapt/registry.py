@@ -1,0 +1,143 @@
+"""Name -> plug-in registries (methods, normalizations, backbones) and their hyper-parameters.
+
+A plug-in module registers itself when imported; each plug-in package imports all of its
+modules (`import_submodules`), so adding a method, norm or backbone is one new file.
+
+Hyper-parameters of a plug-in are a frozen dataclass whose fields carry their help text
+(`hparam(default, help)`). Every plug-in option is a flat command-line option
+(`adv_weight` -> `--adv-weight`); two plug-ins may declare the same option only with the
+same type and default (e.g. DANN and CDAN share the GRL schedule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, Generic, TypeVar, get_type_hints
+
+from domadapt.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> object map that refuses duplicate names and names its choices on a miss."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, obj: T) -> T:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._items[name] = obj
+        return obj
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UserError(f"unknown {self.kind} {name!r}; choose from "
+                            f"{', '.join(self._items)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._items)
+
+    def items(self) -> Iterator[tuple[str, T]]:
+        return iter(list(self._items.items()))
+
+
+def import_submodules(package: str, path: list[str]) -> None:
+    """Import every module of `package` (its registrations run on import)."""
+    for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
+
+
+# -- hyper-parameters ---------------------------------------------------------------------------
+
+def hparam(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
+    """A documented hyper-parameter field of a plug-in's Hparams dataclass."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class NoHparams:
+    """A plug-in without hyper-parameters."""
+
+
+@dataclass(frozen=True)
+class HparamSpec:
+    """One option: name, type (bool | int | float | str), default, help, allowed values."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def hparam_specs(cls: type) -> list[HparamSpec]:
+    """The options declared by an Hparams dataclass, in declaration order."""
+    hints = get_type_hints(cls)
+    return [HparamSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""),
+                       f.metadata.get("choices")) for f in fields(cls)]
+
+
+def coerce(spec: HparamSpec, value: Any) -> Any:
+    """`value` as `spec.type` (ints accepted for floats), or a one-line UserError."""
+    kind = spec.type
+    ok = (isinstance(value, bool) if kind is bool
+          else isinstance(value, kind) and not isinstance(value, bool)
+          or (kind is float and isinstance(value, int) and not isinstance(value, bool)))
+    if not ok:
+        raise UserError(f"{spec.flag} must be a {kind.__name__}, got {value!r}")
+    value = kind(value)
+    if spec.choices is not None and value not in spec.choices:
+        raise UserError(f"{spec.flag}: unknown value {value!r}; choose from "
+                        f"{', '.join(spec.choices)}")
+    return value
+
+
+def make_hparams(cls: type[T], values: dict[str, Any]) -> T:
+    """An instance of `cls` from `values` (missing -> defaults); unknown names -> UserError.
+    The dataclass's own `__post_init__` validates ranges."""
+    specs = {s.name: s for s in hparam_specs(cls)}
+    unknown = sorted(set(values) - set(specs))
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join(unknown)} for {cls.__qualname__}")
+    return cls(**{k: coerce(specs[k], v) for k, v in values.items()})
+
+
+def hparams_dict(hp: Any) -> dict[str, Any]:
+    return dataclasses.asdict(hp)
+
+
+Owner = Callable[[], list[tuple[str, type]]]  # -> [(plug-in label, Hparams class)]
+
+
+def merged_specs(owners: list[tuple[str, type]]) -> dict[str, tuple[HparamSpec, list[str]]]:
+    """option name -> (spec, labels of the plug-ins that declare it). The same name declared
+    twice must agree on type and default."""
+    out: dict[str, tuple[HparamSpec, list[str]]] = {}
+    for label, cls in owners:
+        for spec in hparam_specs(cls):
+            if spec.name in out:
+                seen, who = out[spec.name]
+                if (seen.type, seen.default) != (spec.type, spec.default):
+                    raise ValueError(f"option {spec.name} is declared differently by "
+                                     f"{who[0]} and {label}")
+                who.append(label)
+            else:
+                out[spec.name] = (spec, [label])
+    return out

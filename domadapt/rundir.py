@@ -1,0 +1,150 @@
+"""The one owner of the files on disk: a run directory and a sweep directory.
+
+Run directory (written by `domadapt.train.run`)::
+
+    config.json    {"config": RunConfig.to_dict(), "key", "name", "data": {...}, "runtime": {...}}
+    log.csv        one row per evaluation (see `domadapt.engine`)
+    checkpoint.pt  everything needed to continue bit-identically (atomic)
+    metrics.json   written last, only when the run is complete: the done marker
+    .lock          flock held by the process running the cell (sweeps)
+    error.txt      traceback of the cell's last failure (sweeps)
+
+Sweep directory::
+
+    sweep.json     the command, grid, options and table Layout
+    runs/<cfg.name()>-<cfg.key()>/   one run directory per cell
+
+Every write is atomic (temp file, then rename), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from domadapt.config import RunConfig
+from domadapt.errors import UserError
+from domadapt.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+
+CONFIG = "config.json"
+METRICS = "metrics.json"
+LOG = "log.csv"
+CHECKPOINT = "checkpoint.pt"
+LOCK = ".lock"
+ERROR = "error.txt"
+CHECKPOINT_FORMAT = 2  # 2: the method's whole state_dict under "method"
+
+RECORD = "sweep.json"
+RUNS_DIR = "runs"
+
+
+class RunDir:
+    """Paths and readers/writers of one run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    config_path = property(lambda self: self.path / CONFIG)
+    metrics_path = property(lambda self: self.path / METRICS)
+    log_path = property(lambda self: self.path / LOG)
+    checkpoint_path = property(lambda self: self.path / CHECKPOINT)
+    lock_path = property(lambda self: self.path / LOCK)
+    error_path = property(lambda self: self.path / ERROR)
+
+    def is_done(self) -> bool:
+        return self.metrics_path.is_file()
+
+    def has_config(self) -> bool:
+        return self.config_path.is_file()
+
+    # -- config.json ----------------------------------------------------------------------------
+    def read_config(self) -> tuple[RunConfig, dict[str, Any]]:
+        """(RunConfig, whole config.json); UserError if missing or corrupt."""
+        if not self.config_path.is_file():
+            raise UserError(f"{self.config_path}: not a run directory (no {CONFIG})")
+        try:
+            info = read_json(self.config_path)
+            return RunConfig.from_dict(info["config"]), info
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{self.config_path}: corrupt run config ({e})") from None
+
+    def read_config_dict(self) -> dict[str, Any]:
+        """config.json as stored (no validation against today's plug-ins)."""
+        info = self._read_json(self.config_path)
+        if not isinstance(info.get("config"), dict):
+            raise UserError(f"corrupt run config (no 'config' entry): {self.config_path}")
+        return info
+
+    def write_config(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.config_path, info)
+
+    # -- metrics.json ---------------------------------------------------------------------------
+    def read_metrics(self) -> dict[str, Any]:
+        return self._read_json(self.metrics_path)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        atomic_write_json(self.metrics_path, metrics)
+
+    # -- log.csv --------------------------------------------------------------------------------
+    def write_log(self, rows: list[dict[str, Any]]) -> None:
+        """One row per evaluation (rewritten atomically as a whole); columns: the union of the
+        rows' keys in first-seen order."""
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+        atomic_write_text(self.log_path, buf.getvalue())
+
+    def read_log(self) -> pd.DataFrame:
+        if not self.log_path.is_file():
+            raise UserError(f"{self.log_path}: no log (the run has not evaluated yet)")
+        try:
+            return pd.read_csv(self.log_path)
+        except (ValueError, pd.errors.ParserError) as e:
+            raise UserError(f"{self.log_path}: corrupt log ({e}); delete it and re-run") from None
+
+    # -- checkpoint.pt --------------------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, self.checkpoint_path)
+
+    def read_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        path = self.checkpoint_path
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001  (truncated / foreign file: many types)
+            raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to "
+                            f"restart the run") from None
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{path}: not a domadapt checkpoint (format {CHECKPOINT_FORMAT})")
+        return ckpt
+
+    def _read_json(self, path: Path) -> dict[str, Any]:
+        try:
+            data = read_json(path)
+        except FileNotFoundError:
+            raise UserError(f"missing {path}") from None
+        except ValueError as e:
+            raise UserError(f"corrupt {path} ({e}); delete it to re-run") from None
+        if not isinstance(data, dict):
+            raise UserError(f"corrupt {path} (not a JSON object); delete it to re-run")
+        return data
+
+
+def cell_dir(sweep_dir: str | Path, cfg: RunConfig) -> Path:
+    """`SWEEP_DIR/runs/<name>-<key>`: the key hashes the whole resolved config."""
+    return Path(sweep_dir) / RUNS_DIR / f"{cfg.name()}-{cfg.key()}"
+
+
+def sweep_run_dirs(sweep_dir: str | Path) -> list[Path]:
+    """Every run directory under `sweep_dir/runs`, sorted."""
+    return sorted(p for p in (Path(sweep_dir) / RUNS_DIR).glob("*") if p.is_dir())

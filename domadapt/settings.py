@@ -1,0 +1,89 @@
+"""The two settings: which data a run trains and evaluates on, and how its result is summed up.
+
+- transfer: train on *all* labelled source images and, for a method that uses it, *all*
+  unlabelled target images; report accuracy on the whole target domain. `source_acc` is
+  measured on the source training images (eval mode): a fit diagnostic, not a held-out number.
+- multidomain: one source-only model on the train split of every domain pooled; report each
+  domain's test-split accuracy (`domain_acc`) and their mean (`avg_acc`, also `target_acc`);
+  there is no source domain (`source_acc` is null; `train_acc` shows the fit).
+Target labels are only ever used to report, never to pick anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from domadapt.config import RunConfig
+from domadapt.data import DomainDataset, build_transform, domain_items, get_dataset, resolve_root
+from domadapt.errors import UserError
+from domadapt.methods import get_method
+
+
+@dataclass
+class RunData:
+    """Datasets of one run. `train`: "source" (multidomain: all train splits pooled) and, for
+    a method that uses it, "target"; `evals`: "source" and "target" (transfer) or one entry per
+    domain's test split (multidomain); `targets`: the evals whose accuracy is the result."""
+
+    classes: list[str]
+    train: dict[str, DomainDataset]
+    evals: dict[str, DomainDataset]
+    domains: list[str]
+    targets: list[str]
+    info: dict[str, Any]
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """`cfg` with full domain names and the absolute dataset root (styledigits: generated)."""
+    spec = get_dataset(cfg.dataset)
+    root = resolve_root(spec, cfg.root)
+    if cfg.setting == "multidomain":
+        if cfg.method != "source-only":
+            raise UserError(f"a multidomain run is source-only (ERM), got --method {cfg.method}")
+        return cfg.replace(dataset=spec.name, root=str(root), source=None, target=None)
+    source = spec.resolve_domain(str(cfg.source), root)
+    target = spec.resolve_domain(str(cfg.target), root)
+    return cfg.replace(dataset=spec.name, root=str(root), source=source, target=target)
+
+
+def build_data(cfg: RunConfig) -> RunData:
+    """Datasets of a resolved `cfg` (see the module docstring for the protocol)."""
+    spec = get_dataset(cfg.dataset)
+    root = Path(str(cfg.root))
+    classes = spec.class_names(root)
+    train_tf = build_transform(cfg.image_size, cfg.resize_size, train=True, flip=spec.hflip)
+    eval_tf = build_transform(cfg.image_size, cfg.resize_size, train=False, flip=spec.hflip)
+    split = {"split_seed": cfg.split_seed, "test_fraction": cfg.test_fraction}
+    if cfg.setting == "multidomain":
+        domains = spec.domain_names(root)
+        train_items = [it for d in domains for it in domain_items(spec, root, d, "train", **split)]
+        tests = {d: domain_items(spec, root, d, "test", **split) for d in domains}
+        evals = {d: DomainDataset(items, eval_tf) for d, items in tests.items()}
+        counts = {"train": len(train_items)} | {f"test/{d}": len(v) for d, v in tests.items()}
+        return RunData(classes, {"source": DomainDataset(train_items, train_tf)}, evals, domains,
+                       domains, {"classes": classes, "domains": domains, "num_images": counts})
+    src = domain_items(spec, root, str(cfg.source))
+    tgt = domain_items(spec, root, str(cfg.target))
+    train = {"source": DomainDataset(src, train_tf)}
+    if get_method(cfg.method).uses_target:
+        train["target"] = DomainDataset(tgt, train_tf)
+    evals = {"source": DomainDataset(src, eval_tf), "target": DomainDataset(tgt, eval_tf)}
+    return RunData(classes, train, evals, [str(cfg.source), str(cfg.target)], ["target"],
+                   {"classes": classes, "num_images": {"source": len(src), "target": len(tgt)}})
+
+
+def result_accuracy(cfg: RunConfig, acc: dict[str, float], data: RunData) -> float:
+    """The run's headline number: target accuracy (transfer) or the mean of the domains' test
+    accuracies (multidomain)."""
+    return float(np.mean([acc[d] for d in data.targets]))
+
+
+def setting_metrics(cfg: RunConfig, acc: dict[str, float], data: RunData) -> dict[str, Any]:
+    """What metrics.json adds per setting (multidomain: domain_acc and avg_acc)."""
+    if cfg.setting != "multidomain":
+        return {}
+    return {"domain_acc": {d: acc[d] for d in data.domains}, "avg_acc": acc["target"]}
