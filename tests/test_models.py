@@ -12,7 +12,6 @@ import torchvision
 from conftest import MOBILENET_WEIGHTS, needs_mobilenet
 from torch import nn
 
-
 from domadapt.backbones import base as backbones_base
 from domadapt.backbones import build_backbone
 from domadapt.config import make_config

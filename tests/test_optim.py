@@ -22,7 +22,7 @@ def tiny_bin_net() -> tuple[nn.Module, nn.Module]:
     return backbone, head
 
 
-def gates_of(*modules: nn.Module, rule: str = "base", mult: float = 10.0):  # noqa: ANN201
+def gates_of(*modules: nn.Module, rule: str = "base", mult: float = 10.0):
     """The BIN kind's special parameters of `modules` under `rule`."""
     wrapper = nn.ModuleList(modules)
     hp = norm_hparams("bin", {"gate_lr_rule": rule, "gate_lr_mult": mult})
