@@ -1,0 +1,119 @@
+"""AdaBN: BN / BIN running statistics re-estimated on target batches, original untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from domadapt.nn import BatchInstanceNorm2d
+from domadapt.nn.adabn import adapt_batch_stats, has_batch_stats
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.BatchNorm2d(3),
+        nn.Conv2d(3, 2, 1, bias=False),
+        nn.Dropout(0.5),  # must stay in eval mode while the statistics are gathered
+        BatchInstanceNorm2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 4),
+        nn.BatchNorm1d(4),
+    )
+    with torch.no_grad():
+        for m in (net[0], net[3], net[6]):
+            m.weight.uniform_(0.5, 2.0)
+            m.bias.uniform_(-1.0, 1.0)
+            m.running_mean.uniform_(-1.0, 1.0)
+            m.running_var.uniform_(0.5, 2.0)
+        net[3].rho.copy_(torch.tensor([0.3, 0.8]))
+    return net.train()
+
+
+def _batches() -> list[Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(n, 3, 4, 4, generator=g, dtype=torch.float64) * 2 + 3 for n in (5, 3, 4)]
+
+
+def _pooled(xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and unbiased variance over all samples and positions, by hand."""
+    flat = torch.cat([x.transpose(0, 1).reshape(x.size(1), -1) for x in xs], dim=1)
+    mean = flat.sum(1) / flat.size(1)
+    var = ((flat - mean[:, None]) ** 2).sum(1) / (flat.size(1) - 1)
+    return mean, var
+
+
+def _bn_batch(x: Tensor, layer: nn.Module) -> Tensor:
+    """The first layer in train mode: normalised by the batch's own (biased) statistics."""
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+    w, b = layer.weight.view(1, -1, 1, 1), layer.bias.view(1, -1, 1, 1)
+    return (x - mean) / torch.sqrt(var + layer.eps) * w + b
+
+
+def test_running_stats_equal_the_target_statistics_computed_by_hand():
+    net = _net().double()
+    batches = _batches()
+    adapted = adapt_batch_stats(net, batches)
+    # Layer 0 sees the raw target data.
+    mean, var = _pooled(batches)
+    torch.testing.assert_close(adapted[0].running_mean, mean)
+    torch.testing.assert_close(adapted[0].running_var, var)
+    # The BIN layer sees conv(BN_batch(x)), each batch normalised by its own statistics.
+    with torch.no_grad():
+        inputs = [net[1](_bn_batch(x, net[0])) for x in batches]
+    mean, var = _pooled(inputs)
+    torch.testing.assert_close(adapted[3].running_mean, mean)
+    torch.testing.assert_close(adapted[3].running_var, var)
+    assert int(adapted[3].num_batches_tracked) == 3
+    # Not the per-batch average that momentum=None would give.
+    per_batch = torch.stack([x.var((0, 2, 3)) for x in batches]).mean(0)
+    assert not torch.allclose(adapted[0].running_var, per_batch)
+
+
+def test_everything_else_is_unchanged_and_the_original_untouched():
+    net = _net().double()
+    net[0].eval()  # a mixed train/eval state must come back as it was
+    before = copy.deepcopy(net.state_dict())
+    flags = [m.training for m in net.modules()]
+    adapted = adapt_batch_stats(net, [(x, torch.zeros(len(x))) for x in _batches()])
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert [m.training for m in net.modules()] == flags
+    assert [m.training for m in adapted.modules()] == flags
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    for key, value in adapted.state_dict().items():
+        if key.rsplit(".", 1)[1] in stats:
+            assert not torch.equal(value, before[key]), key  # every BN / BIN layer adapted
+        else:
+            assert torch.equal(value, before[key]), key  # weights, biases, BIN gates
+
+
+def test_adapted_eval_on_a_single_batch_equals_train_mode_normalisation():
+    # With one target batch the adapted running mean is that batch's mean, so in eval the
+    # first layer's output differs from the batch-statistics output only by the unbiased
+    # vs biased variance (factor n / (n - 1)).
+    net = _net().double()
+    x = _batches()[0]
+    adapted = adapt_batch_stats(net, [x]).eval()
+    n = x.numel() // x.size(1)
+    with torch.no_grad():
+        out = adapted[0](x)
+        mean = x.mean((0, 2, 3), keepdim=True)
+        var = x.var((0, 2, 3), unbiased=False, keepdim=True) * n / (n - 1)
+        w, b = net[0].weight.view(1, -1, 1, 1), net[0].bias.view(1, -1, 1, 1)
+        expected = (x - mean) / torch.sqrt(var + net[0].eps) * w + b
+    torch.testing.assert_close(out, expected)
+
+
+def test_instance_norm_networks_have_nothing_to_adapt():
+    assert not has_batch_stats(nn.Sequential(nn.Conv2d(3, 2, 1), nn.InstanceNorm2d(2)))
+    assert has_batch_stats(_net())
+
+
+def test_no_batches_is_an_error():
+    with pytest.raises(ValueError, match="at least one"):
+        adapt_batch_stats(_net(), [])
