@@ -17,10 +17,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from domadapt.backbones import check_backbone
+from domadapt.data.transforms import INTERPOLATIONS, RESIZE_MODES, check_transform_options
 from domadapt.errors import UserError
 from domadapt.methods import METHODS, get_method
 from domadapt.norms import NORMS, get_norm
 from domadapt.registry import HparamSpec, hparam_specs, hparams_dict, make_hparams, merged_specs
+from domadapt.schedules import SCHEDULE_FORMS, check_schedule_options
 
 SETTINGS = ("transfer", "multidomain")
 PLUGIN_FIELDS = ("method_options", "norm_options")
@@ -32,7 +34,7 @@ RUN, DATA, OPT, SYS = "Run", "Data", "Optimization", "System"
 
 
 def config_field(default: Any, help: str, panel: str = RUN, *, cli: bool = True,
-            choices: tuple[str, ...] | None = None) -> Any:
+                 choices: tuple[str, ...] | None = None) -> Any:
     """A RunConfig field with its help text (`cli=False`: not a command-line option)."""
     return field(default=default,
                  metadata={"help": help, "panel": panel, "cli": cli, "choices": choices})
@@ -56,12 +58,25 @@ class RunConfig:
     batch_size: int = config_field(32, "images per domain per iteration (b source + b target)")
     image_size: int = config_field(224, "crop size (pixels)", DATA)
     resize_size: int = config_field(256, "resize before cropping (pixels)", DATA)
+    resize_mode: str = config_field("shorter", "shorter: shorter side to resize-size (aspect "
+                                    "kept); square: resize-size x resize-size", DATA,
+                                    choices=RESIZE_MODES)
+    interpolation: str = config_field("bilinear", "resize filter", DATA,
+                                      choices=tuple(INTERPOLATIONS))
+    crop_scale_min: float = config_field(0.5, "RandomResizedCrop scale range: min area share",
+                                         DATA)
+    crop_scale_max: float = config_field(1.0, "RandomResizedCrop scale range: max area share",
+                                         DATA)
     lr: float = config_field(0.01, "head learning rate lr0", OPT)
     backbone_lr_mult: float = config_field(0.1, "backbone lr = this x lr0", OPT)
     momentum: float = config_field(0.9, "SGD momentum", OPT)
     nesterov: bool = config_field(True, "Nesterov SGD", OPT)
     weight_decay: float = config_field(1e-3, "SGD weight decay (not on special params)", OPT)
-    lr_gamma: float = config_field(10.0, "lr schedule: lr0 (1 + gamma p)^-decay", OPT)
+    lr_schedule: str = config_field(
+        "progress", "lr0 (1 + gamma x)^-decay with x = p = iteration/iters (progress, Ganin et "
+        "al.) or x = iteration (iteration, Transfer-Learning-Library)", OPT,
+        choices=SCHEDULE_FORMS)
+    lr_gamma: float = config_field(10.0, "lr schedule gamma", OPT)
     lr_decay: float = config_field(0.75, "lr schedule exponent", OPT)
     split_seed: int = config_field(0, "multi-domain train/test split seed", DATA)
     test_fraction: float = config_field(0.2, "multi-domain test share of each domain", DATA)
@@ -92,6 +107,10 @@ class RunConfig:
             raise UserError(f"test fraction must lie in (0, 1), got {self.test_fraction}")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        check_schedule_options(lr_schedule=self.lr_schedule, lr_gamma=self.lr_gamma,
+                               lr_decay=self.lr_decay)
+        check_transform_options(self.resize_mode, self.interpolation,
+                                (self.crop_scale_min, self.crop_scale_max))
         if self.setting == "transfer" and (self.source is None or self.target is None):
             raise UserError("a transfer run needs --source and --target")
         if self.setting == "transfer" and self.source == self.target:
@@ -207,7 +226,19 @@ def _hparam_classes() -> list[type]:
 
 # Presets: named overrides of the defaults (core fields and plug-in options alike).
 PRESETS: dict[str, dict[str, Any]] = {
-    "officehome": {},
+    # Transfer-Learning-Library's DANN on Office-Home (examples/domain_adaptation/
+    # image_classification/dann.py + dann.sh; docs/recipe-research.md has every source line):
+    # 30 epochs x 1000 iterations, iteration-based lr and GRL schedules, square 256 resize
+    # (bicubic) + RandomResizedCrop(224, scale (0.08, 1)), fp32, an evaluation every 1000.
+    "officehome": {
+        "iters": 30000, "lr_schedule": "iteration", "lr_gamma": 0.001, "lr_decay": 0.75,
+        "grl_schedule": "iteration", "grl_warmup": 1000.0, "resize_mode": "square",
+        "interpolation": "bicubic", "crop_scale_min": 0.08, "crop_scale_max": 1.0,
+        "amp": False, "channels_last": False, "eval_every": 1000, "checkpoint_every": 1000,
+    },
+    # The same network with Ganin et al.'s progress-based schedules over 5000 iterations
+    # (the RunConfig defaults).
+    "officehome-ganin": {},
     "pacs-cpu": {
         "dataset": "pacs", "backbone": "mobilenet_v2", "image_size": 96, "resize_size": 112, "iters": 300,
         "batch_size": 32, "eval_every": 100, "checkpoint_every": 100,

@@ -55,8 +55,11 @@ def build_data(cfg: RunConfig) -> RunData:
     spec = get_dataset(cfg.dataset)
     root = Path(str(cfg.root))
     classes = spec.class_names(root)
-    train_tf = build_transform(cfg.image_size, cfg.resize_size, train=True, flip=spec.hflip)
-    eval_tf = build_transform(cfg.image_size, cfg.resize_size, train=False, flip=spec.hflip)
+    options = {"flip": spec.hflip, "resize_mode": cfg.resize_mode,
+               "interpolation": cfg.interpolation,
+               "crop_scale": (cfg.crop_scale_min, cfg.crop_scale_max)}
+    train_tf = build_transform(cfg.image_size, cfg.resize_size, train=True, **options)
+    eval_tf = build_transform(cfg.image_size, cfg.resize_size, train=False, **options)
     split = {"split_seed": cfg.split_seed, "test_fraction": cfg.test_fraction}
     if cfg.setting == "multidomain":
         domains = spec.domain_names(root)

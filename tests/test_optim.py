@@ -40,16 +40,16 @@ def test_gate_groups_follow_the_rule(rule: str, backbone_gate_mult: float) -> No
     groups = param_groups(backbone, [head, head_with_gate], lr=0.01, weight_decay=1e-3,
                           special=special)
     by_name = {g["name"]: g for g in groups}
-    assert list(by_name) == ["backbone", "backbone/gates", "heads", "heads/gates"]
-    assert by_name["backbone/gates"]["params"] == [backbone[1].rho]
-    assert by_name["heads/gates"]["params"] == [head_with_gate[1].rho]
-    expected = {"backbone": (0.1, 1e-3), "backbone/gates": (backbone_gate_mult, 0.0),
-                "heads": (1.0, 1e-3), "heads/gates": (10.0, 0.0)}
+    assert list(by_name) == ["backbone", "backbone/gate", "heads", "heads/gate"]
+    assert by_name["backbone/gate"]["params"] == [backbone[1].rho]
+    assert by_name["heads/gate"]["params"] == [head_with_gate[1].rho]
+    expected = {"backbone": (0.1, 1e-3), "backbone/gate": (backbone_gate_mult, 0.0),
+                "heads": (1.0, 1e-3), "heads/gate": (10.0, 0.0)}
     for name, (mult, wd) in expected.items():
         g = by_name[name]
         assert g["lr_mult"] == pytest.approx(mult) and g["lr"] == pytest.approx(0.01 * mult)
         assert g["weight_decay"] == wd
-        assert ("clamp" in g) == name.endswith("gates")
+        assert ("clamp" in g) == name.endswith("gate")
     listed = [id(p) for g in groups for p in g["params"]]
     trainable = [p for m in (backbone, head, head_with_gate) for p in m.parameters()
                  if p.requires_grad]
@@ -61,7 +61,7 @@ def test_gate_lr_is_annealed_with_the_schedule() -> None:
     opt = build_sgd(backbone, [head], lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3,
                     special=gates_of(backbone, rule="base"))
     lrs = set_lr(opt, 0.01 * 0.5)
-    assert lrs["backbone/gates"] == pytest.approx(0.05)  # 10 x lr0 x 0.5
+    assert lrs["backbone/gate"] == pytest.approx(0.05)  # 10 x lr0 x 0.5
     assert lrs["backbone"] == pytest.approx(0.0005) and lrs["heads"] == pytest.approx(0.005)
 
 

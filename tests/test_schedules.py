@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 
 from domadapt.errors import UserError
-from domadapt.nn.grl import grl_coefficient as old_grl_coefficient
-from domadapt.nn.optim import lr_factor as old_lr_factor
 from domadapt.schedules import check_schedule_options, grl_coefficient, lr_factor
+
+
+def old_lr_factor(p: float, gamma: float = 10.0, decay: float = 0.75) -> float:
+    """The first release's schedule (nn/optim.py), kept here as the bit-for-bit reference."""
+    return (1.0 + gamma * p) ** (-decay)
+
+
+def old_grl_coefficient(p: float, alpha: float = 10.0) -> float:
+    """The first release's GRL coefficient (nn/grl.py), the bit-for-bit reference."""
+    return 2.0 / (1.0 + math.exp(-alpha * p)) - 1.0
 
 TOTALS = (1, 7, 300, 5000, 30000)
 

@@ -100,12 +100,12 @@ def test_crop_scale_changes_the_crop(image):
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"resize_mode": "fit"}, "unknown --resize-mode 'fit'; choose from shorter, square"),
     ({"interpolation": "cubic"}, "unknown --interpolation 'cubic'; choose from nearest,"),
-    ({"crop_scale": (0.0, 1.0)}, "--crop-scale must satisfy 0 < MIN <= MAX <= 1, got 0.0 1.0"),
-    ({"crop_scale": (0.5, 1.2)}, "--crop-scale must satisfy 0 < MIN <= MAX <= 1, got 0.5 1.2"),
-    ({"crop_scale": (0.8, 0.5)}, "--crop-scale must satisfy 0 < MIN <= MAX <= 1, got 0.8 0.5"),
-    ({"crop_scale": (-0.1, 0.5)}, "--crop-scale must satisfy 0 < MIN <= MAX <= 1, got -0.1 0.5"),
+    ({"crop_scale": (0.0, 1.0)}, "--crop-scale-min/--crop-scale-max must satisfy 0 < MIN <= MAX <= 1, got 0.0 1.0"),
+    ({"crop_scale": (0.5, 1.2)}, "--crop-scale-min/--crop-scale-max must satisfy 0 < MIN <= MAX <= 1, got 0.5 1.2"),
+    ({"crop_scale": (0.8, 0.5)}, "--crop-scale-min/--crop-scale-max must satisfy 0 < MIN <= MAX <= 1, got 0.8 0.5"),
+    ({"crop_scale": (-0.1, 0.5)}, "--crop-scale-min/--crop-scale-max must satisfy 0 < MIN <= MAX <= 1, got -0.1 0.5"),
     ({"crop_scale": (0.5,)}, "--crop-scale takes two numbers MIN MAX, got (0.5,)"),
-    ({"crop_scale": (float("nan"), 1.0)}, "--crop-scale must satisfy 0 < MIN <= MAX <= 1"),
+    ({"crop_scale": (float("nan"), 1.0)}, "--crop-scale-min/--crop-scale-max must satisfy 0 < MIN <= MAX <= 1"),
 ])
 def test_bad_options_give_one_line_naming_the_option(kwargs, message):
     for call in (lambda: check_transform_options(**kwargs),

@@ -44,7 +44,8 @@ def check_transform_options(
     except (TypeError, ValueError):
         raise UserError(f"--crop-scale takes two numbers MIN MAX, got {crop_scale!r}") from None
     if not 0.0 < low <= high <= 1.0:
-        raise UserError(f"--crop-scale must satisfy 0 < MIN <= MAX <= 1, got {low} {high}")
+        raise UserError(f"--crop-scale-min/--crop-scale-max must satisfy 0 < MIN <= MAX <= 1, "
+                        f"got {low} {high}")
 
 
 def build_transform(

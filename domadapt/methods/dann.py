@@ -6,7 +6,8 @@ with f the bottleneck features and d = 1 for source, 0 for target images.
 
 R_lambda is the gradient reversal layer (identity forward, -lambda * grad backward), so one
 backward pass trains D to tell the domains apart and the feature extractor to confuse it.
-lambda(p) = 2 / (1 + exp(-alpha p)) - 1 rises from 0 to ~1 over training progress p in [0, 1].
+lambda rises from 0 to ~1: 2 / (1 + exp(-alpha p)) - 1 over training progress p in [0, 1]
+(Ganin et al.), or 2 / (1 + exp(-i / warm-up)) - 1 over iterations i (Transfer-Learning-Library).
 """
 
 from __future__ import annotations
@@ -26,14 +27,9 @@ from domadapt.methods.base import (
     stat,
     supervised_loss,
 )
-from domadapt.nn import (
-    DomainDiscriminator,
-    domain_accuracy,
-    domain_adversarial_loss,
-    grad_reverse,
-    grl_coefficient,
-)
+from domadapt.nn import DomainDiscriminator, domain_accuracy, domain_adversarial_loss, grad_reverse
 from domadapt.registry import hparam
+from domadapt.schedules import SCHEDULE_FORMS, check_schedule_options, grl_coefficient
 
 
 @dataclass(frozen=True)
@@ -42,8 +38,16 @@ class AdversarialHparams:
 
     adv_weight: float = hparam(1.0, "weight w of the domain-adversarial loss")
     disc_hidden: int = hparam(1024, "width of the domain discriminator's hidden layers")
+    grl_schedule: str = hparam(
+        "progress", "GRL coefficient: 2/(1+exp(-alpha p))-1 (progress, Ganin et al.) or "
+        "2/(1+exp(-iteration/warmup))-1 (iteration, Transfer-Learning-Library)",
+        choices=SCHEDULE_FORMS)
+    grl_alpha: float = hparam(10.0, "GRL progress schedule: alpha")
+    grl_warmup: float = hparam(1000.0, "GRL iteration schedule: warm-up iterations")
 
     def __post_init__(self) -> None:
+        check_schedule_options(grl_schedule=self.grl_schedule, grl_alpha=self.grl_alpha,
+                               grl_warmup=self.grl_warmup)
         if self.adv_weight < 0:
             raise UserError(f"--adv-weight must be >= 0, got {self.adv_weight}")
         if self.disc_hidden <= 0:
@@ -51,8 +55,9 @@ class AdversarialHparams:
 
 
 def grl_lambda(hp: AdversarialHparams, step: Step) -> float:
-    """The gradient-reversal coefficient lambda at `step`."""
-    return grl_coefficient(step.progress)
+    """The gradient-reversal coefficient lambda at `step` (`domadapt.schedules`)."""
+    return grl_coefficient(step.iteration, step.total, form=hp.grl_schedule, alpha=hp.grl_alpha,
+                           warmup=hp.grl_warmup)
 
 
 @register_method

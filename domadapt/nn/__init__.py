@@ -10,7 +10,7 @@ from domadapt.nn.bin import (
     gate_values,
     mean_gate,
 )
-from domadapt.nn.grl import GradientReversal, grad_reverse, grl_coefficient
+from domadapt.nn.grl import GradientReversal, grad_reverse
 from domadapt.nn.heads import (
     Bottleneck,
     DomainDiscriminator,
@@ -21,7 +21,6 @@ from domadapt.nn.optim import (
     attach_clamp,
     build_sgd,
     clamped_groups,
-    lr_factor,
     param_groups,
     set_lr,
 )
@@ -43,8 +42,6 @@ __all__ = [
     "gate_parameters",
     "gate_values",
     "grad_reverse",
-    "grl_coefficient",
-    "lr_factor",
     "mean_gate",
     "param_groups",
     "set_lr",

@@ -18,7 +18,7 @@ from torch import nn
 from domadapt.errors import UserError
 from domadapt.norms.base import SpecialParams
 
-__all__ = ["attach_clamp", "build_sgd", "clamped_groups", "lr_factor", "param_groups", "set_lr"]
+__all__ = ["attach_clamp", "build_sgd", "clamped_groups", "param_groups", "set_lr"]
 
 _CLAMP_HANDLE = "_domadapt_clamp"  # attribute on the optimizer holding the hook handle
 
@@ -129,7 +129,3 @@ def set_lr(optimizer: torch.optim.Optimizer, base: float) -> dict[str, float]:
         out[group.get("name", "")] = group["lr"]
     return out
 
-
-def lr_factor(p: float, gamma: float = 10.0, decay: float = 0.75) -> float:
-    """Annealing factor (1 + gamma p)^(-decay) at training progress p in [0, 1] (Ganin et al., 2016)."""
-    return (1.0 + gamma * p) ** (-decay)

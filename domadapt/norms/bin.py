@@ -33,7 +33,7 @@ GATE_LR_RULES = ("base", "layer")
 class BINHparams:
     gate_lr_mult: float = hparam(10.0, "BIN gates: learning-rate multiplier (see --gate-lr-rule)")
     gate_lr_rule: str = hparam(
-        "layer", "BIN gates' lr: base = gate-lr-mult x lr0 (official BIN code); layer = "
+        "base", "BIN gates' lr: base = gate-lr-mult x lr0 (official BIN code); layer = "
         "gate-lr-mult x the lr of the layer they sit in", choices=GATE_LR_RULES)
 
     def __post_init__(self) -> None:
@@ -49,7 +49,7 @@ class BatchInstanceNorm(NormKind):
     help = "Batch-Instance Normalization (gates rho = 1 at the start)"
 
     def special_params(self, model: nn.Module, hp: Any) -> SpecialParams:
-        return SpecialParams("gates", all_params([model], BatchInstanceNorm2d, "rho"),
+        return SpecialParams("gate", all_params([model], BatchInstanceNorm2d, "rho"),
                              lr_mult=hp.gate_lr_mult, relative=hp.gate_lr_rule == "layer",
                              clamp=(0.0, 1.0))
 
