@@ -106,7 +106,7 @@ def test_configs_of_the_first_release_read_as_layer_relative_gates():
     (["--gate-lr-rule", "global"], "--gate-lr-rule"),
 ])
 def test_bad_schedule_and_transform_options_fail_in_one_line(run_cli, tmp_path, args, named):
-    code, out, err = run_cli("train", "--preset", "styledigits", "--source", "gray", "--target",
-                             "color", "--norm", "bin", "--out", tmp_path / "r", *args)
+    code, _, err = run_cli("train", "--preset", "styledigits", "--source", "gray", "--target",
+                           "color", "--norm", "bin", "--out", tmp_path / "r", *args)
     assert code != 0 and named in err and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "r").exists()
