@@ -21,6 +21,8 @@ Run directory:
                   iterations since the previous row), source_acc, target_acc, disc_acc,
                   grl_coeff, mean_gate, lr, images_per_second (+ acc_<domain> for multidomain)
     checkpoint.pt everything needed to continue bit-identically (atomic, every checkpoint_every)
+    checkpoint.prev.pt  the checkpoint before it, resumed from when checkpoint.pt is unreadable
+                  (removed once metrics.json is written)
     metrics.json  written last, only when the run is complete (the done marker):
                   target_acc, source_acc, per_class_target_acc, cls_loss, domain_loss, disc_acc,
                   train_acc (means over the last log window), mean_gate, gate_frac_below_0.1
@@ -69,7 +71,14 @@ from domadapt.data import (
 )
 from domadapt.distributed import DistContext, distributed_context
 from domadapt.errors import UserError
-from domadapt.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from domadapt.io import (
+    CorruptFile,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    verify_zip,
+)
 from domadapt.methods import build_method
 from domadapt.models import DomainAdaptModel, build_model
 from domadapt.nn import GATE_LOW, build_sgd, gate_fraction_below, mean_gate, set_lr
@@ -81,6 +90,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.csv"
 CHECKPOINT_FILE = "checkpoint.pt"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
 CHECKPOINT_FORMAT = 1
 
 
@@ -331,14 +341,14 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "ranks": rank_states,
                 "state": self.state.to_dict(),
-            }, self.checkpoint_path)
+            }, self.checkpoint_path, keep_previous=self.run_dir / PREVIOUS_CHECKPOINT_FILE)
         self.ctx.barrier()
 
     def load_checkpoint(self) -> bool:
         """Continue from run_dir's checkpoint if there is one; True if one was loaded."""
-        if not self.checkpoint_path.is_file():
+        ckpt = read_latest_checkpoint(self.run_dir, map_location=self.device)
+        if ckpt is None:
             return False
-        ckpt = read_checkpoint(self.checkpoint_path, map_location=self.device)
         if ckpt.get("key") != self.cfg.key():
             raise UserError(f"{self.checkpoint_path}: belongs to a different run configuration")
         if ckpt["world_size"] != self.ctx.world_size:
@@ -536,6 +546,7 @@ def run(cfg: RunConfig, run_dir: Path, *, device: str = "auto",
         metrics = trainer.metrics()
         if ctx.is_main:
             atomic_write_json(run_dir / METRICS_FILE, metrics)
+            (run_dir / PREVIOUS_CHECKPOINT_FILE).unlink(missing_ok=True)
         ctx.barrier()
         return metrics
 
@@ -572,13 +583,42 @@ def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     try:
+        verify_zip(path)  # torch.load would take a bit-rotted tensor as it is
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001  (truncated / foreign file: many types)
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to "
+        why = str(e) if isinstance(e, CorruptFile) else type(e).__name__
+        raise UserError(f"{path}: unreadable checkpoint ({why}); delete it to "
                         f"restart the run") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a domadapt checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
+
+
+def read_latest_checkpoint(run_dir: Path, map_location: str | torch.device = "cpu"
+                           ) -> dict[str, Any] | None:
+    """The newest readable checkpoint of `run_dir`: checkpoint.pt, else (with one line on
+    stderr naming the bad file) checkpoint.prev.pt; None if there is neither. UserError naming
+    the file(s) and what to do when none loads (truncated by a crash, corrupted on disk)."""
+    bad: list[tuple[Path, str]] = []
+    for path in (run_dir / CHECKPOINT_FILE, run_dir / PREVIOUS_CHECKPOINT_FILE):
+        if not path.is_file():
+            continue
+        try:
+            ckpt = read_checkpoint(path, map_location)
+        except UserError as e:
+            bad.append((path, str(e).removeprefix(f"{path}: ").split(";")[0]))
+            continue
+        if bad:
+            print(f"warning: {bad[0][0]}: {bad[0][1]}; resuming from {path.name}, the "
+                  f"checkpoint before it", file=sys.stderr)
+        return ckpt
+    if len(bad) == 2:
+        raise UserError(f"{bad[0][0]}: {bad[0][1]}, and so is {bad[1][0].name}; delete both "
+                        f"to restart the run from the beginning")
+    if bad:
+        raise UserError(f"{bad[0][0]}: {bad[0][1]}; delete it to restart the run from the "
+                        f"beginning")
+    return None
 
 
 def write_log(path: Path, rows: list[dict[str, Any]]) -> None:
