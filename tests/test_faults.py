@@ -30,6 +30,7 @@ import pytest
 from conftest import FOREGROUND_SIGINT
 
 from domadapt.config import make_config
+from domadapt.data.dataset import DomainDataset
 from domadapt.data.loaders import InfiniteLoader
 from domadapt.data.testing import write_image_tree
 from domadapt.errors import UserError
@@ -139,6 +140,27 @@ def signal_at_batch(batch: int, signum: int) -> Iterator[None]:
     mp.setattr(InfiniteLoader, "__next__", __next__)
     try:
         yield
+    finally:
+        mp.undo()
+
+
+@contextmanager
+def signal_at_image(image: int, signum: int) -> Iterator[list[int]]:
+    """Send this process `signum` while the `image`-th image of the run is read, counting
+    training batches and evaluation passes alike (num_workers=0: all in this process). Yields
+    a one-item list: how many images were read so far."""
+    real_getitem, count = DomainDataset.__getitem__, [0]
+
+    def __getitem__(self, key):
+        count[0] += 1
+        if count[0] == image:
+            os.kill(os.getpid(), signum)
+        return real_getitem(self, key)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(DomainDataset, "__getitem__", __getitem__)
+    try:
+        yield count
     finally:
         mp.undo()
 
@@ -276,6 +298,20 @@ def test_corrupt_checkpoint_resumes_from_the_one_before(tree, reference, tmp_pat
     assert numbers(again) == reference
 
 
+def test_killed_between_the_two_renames_resumes_from_the_previous_checkpoint(
+        tree, reference, tmp_path, record, sigterm_guard, capsys):
+    """A crash after checkpoint.pt moved to checkpoint.prev.pt, before the new one took its
+    name, leaves only the previous checkpoint: resumed from it, silently and exactly."""
+    cfg, out = make_config(**options(tree)), tmp_path / "run"
+    interrupted_run(cfg, out, batch=2 * 13)
+    os.replace(out / "checkpoint.pt", out / ".checkpoint.pt.x.tmp")  # the new one, unnamed
+    capsys.readouterr()
+    metrics = run(cfg, out, device="cpu", quiet=True)
+    record("killed between the checkpoint renames", numbers(metrics) == reference)
+    assert capsys.readouterr().err == ""
+    assert numbers(metrics) == reference
+
+
 def test_corrupt_metrics_json_names_the_file_and_finishes_from_the_checkpoint(
         tree, reference, tmp_path, record, run_cli):
     cfg, out = make_config(**options(tree)), tmp_path / "run"
@@ -297,18 +333,31 @@ def test_corrupt_metrics_json_names_the_file_and_finishes_from_the_checkpoint(
 
 # -- SIGTERM at random points -------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed", range(20))
-def test_sigterm_at_a_random_batch_resumes_exactly(tree, reference, tmp_path, record,
-                                                   sigterm_guard, seed):
-    """SIGTERM while batch k is drawn (k random in the whole run): the run checkpoints at the
-    end of that iteration and stops; resumed, it ends with the uninterrupted run's numbers."""
-    batch = int(np.random.default_rng(seed).integers(1, 2 * ITERS + 1))
-    cfg, out = make_config(**options(tree)), tmp_path / "run"
-    stopped = interrupted_run(cfg, out, batch)
-    metrics = run(cfg, out, device="cpu", quiet=True)
-    record("SIGTERM at a random batch", numbers(metrics) == reference)
+@pytest.fixture(scope="module")
+def images_in_a_run(tree, tmp_path_factory) -> int:
+    """How many images one run reads (training batches and evaluations)."""
+    with signal_at_image(0, signal.SIGTERM) as count:
+        run(make_config(**options(tree)), tmp_path_factory.mktemp("count") / "run",
+            device="cpu", quiet=True)
+    return count[0]
 
-    assert stopped == (batch + 1) // 2
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sigterm_at_a_random_point_resumes_exactly(tree, reference, images_in_a_run, tmp_path,
+                                                   record, sigterm_guard, seed):
+    """SIGTERM while image k is read, k uniform over every image the run reads (in a training
+    batch or an evaluation pass): the run checkpoints at the end of that iteration and stops
+    (exit code 130 from the CLI); resumed, it ends with the uninterrupted run's numbers."""
+    image = int(np.random.default_rng(seed).integers(1, images_in_a_run + 1))
+    cfg, out = make_config(**options(tree)), tmp_path / "run"
+    with signal_at_image(image, signal.SIGTERM), pytest.raises(KeyboardInterrupt):
+        run(cfg, out, device="cpu", quiet=True)
+    stopped = read_checkpoint(out / "checkpoint.pt")["state"]["iteration"]
+    done = (out / "metrics.json").exists()
+    metrics = run(cfg, out, device="cpu", quiet=True)
+    record("SIGTERM at a random point", numbers(metrics) == reference)
+
+    assert 1 <= stopped <= ITERS and not done
     assert numbers(metrics) == reference
 
 
