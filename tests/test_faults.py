@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -125,6 +126,31 @@ def disk_full_at(name: str, occurrence: int = 1) -> Iterator[list[str]]:
 
 
 @contextmanager
+def file_size_limit_from_batch(batch: int, limit: int) -> Iterator[None]:
+    """From training batch `batch` on, the kernel refuses to grow any file of this process past
+    `limit` bytes (RLIMIT_FSIZE; with SIGXFSZ ignored, write() fails with EFBIG): a real
+    failing write, as on a full disk."""
+    real_next, count = InfiniteLoader.__next__, [0]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def __next__(self):
+        count[0] += 1
+        if count[0] == batch:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        return real_next(self)
+
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(InfiniteLoader, "__next__", __next__)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        mp.undo()
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@contextmanager
 def signal_at_batch(batch: int, signum: int) -> Iterator[None]:
     """Send this process `signum` while the loaders hand out their `batch`-th training batch
     (counted over all loaders: a DANN iteration draws two), i.e. in the middle of an iteration."""
@@ -198,6 +224,23 @@ def test_disk_full_during_a_run_write_keeps_the_last_good_state(tree, reference,
     assert message.startswith(f"no space left to write {out / name}") and "re-run" in message
     assert tmp == []
     assert ckpt == {"checkpoint.pt": EVERY, "log.csv": 2 * EVERY, "metrics.json": ITERS}[name]
+    assert numbers(metrics) == reference
+
+
+def test_a_real_failing_write_of_a_checkpoint_keeps_the_previous_one(tree, reference, tmp_path,
+                                                                     record):
+    cfg, out = make_config(**options(tree)), tmp_path / "run"
+    with file_size_limit_from_batch(2 * 7, 4096), pytest.raises(UserError) as info:
+        run(cfg, out, device="cpu", quiet=True)
+    ckpt = read_checkpoint(out / "checkpoint.pt")["state"]["iteration"]
+    tmp = leftovers(out)
+    metrics = run(cfg, out, device="cpu", quiet=True)
+    record("file-size limit hit by a checkpoint write (kernel EFBIG)",
+           numbers(metrics) == reference)
+
+    assert str(info.value).startswith(f"no space left to write {out / 'checkpoint.pt'} "
+                                      f"(File too large)")
+    assert ckpt == EVERY and tmp == []  # the write at iteration 10 failed, 5 is kept
     assert numbers(metrics) == reference
 
 
