@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from domadapt.data import get_dataset, list_datasets, resolve_root
-from domadapt.data.manifest import build_manifests, write_splits
-from domadapt.data.registry import MANIFEST_DIRNAME
+from domadapt.data.manifest import build_manifests, resolve_domains, write_splits
+from domadapt.data.registry import MANIFEST_DIRNAME, skipped_entries
 from domadapt.data.styledigits import write_styledigits
 from domadapt.data.tools import build_resized_cache, check_dataset
 from domadapt.errors import UserError
@@ -41,6 +41,7 @@ Workers = Annotated[
     int | None, typer.Option("--workers", "-j", help="decode threads (default min(8, CPUs))")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")]
+SHOW_SKIPPED = 20  # `data check` lists at most this many skipped entries
 
 
 @app.command("list")
@@ -156,6 +157,13 @@ def check(
         spec, root_path, domain, manifest_dir=manifest_dir, workers=workers, quiet=quiet
     )
     typer.echo(f"{spec.name} at {root_path}: {len(spec.class_names(root_path))} classes")
+    skipped = skipped_entries(spec, root_path, resolve_domains(spec, root_path, domain))
+    if skipped:
+        typer.echo(f"skipped {len(skipped)} entries (hidden, or left by archive tools):")
+        for path in skipped[:SHOW_SKIPPED]:
+            typer.echo(f"  {path.relative_to(root_path)}{'/' if path.is_dir() else ''}")
+        if len(skipped) > SHOW_SKIPPED:
+            typer.echo(f"  ... and {len(skipped) - SHOW_SKIPPED} more")
     typer.echo(f"{'domain':14s} {'short':5s} {'images':>7s} {'expected':>8s}  status")
     for r in reports:
         expected = "-" if r.expected is None else str(r.expected)

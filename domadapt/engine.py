@@ -294,9 +294,9 @@ class Trainer:
     def load_checkpoint(self) -> bool:
         """Continue from the run directory's checkpoint if there is one; True if loaded."""
         path = self.run_dir.checkpoint_path
-        if not path.is_file():
+        ckpt = self.run_dir.read_latest_checkpoint(map_location=self.device)
+        if ckpt is None:
             return False
-        ckpt = self.run_dir.read_checkpoint(map_location=self.device)
         if ckpt.get("key") != self.cfg.key():
             raise UserError(f"{path}: belongs to a different run configuration")
         if ckpt["world_size"] != self.ctx.world_size:

@@ -5,10 +5,13 @@ A reader (or a killed writer) never sees a half-written result file or folder.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +27,8 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
+# A full disk, an exhausted quota, a file-size limit: the write fails, nothing else is wrong.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 def _fsync(path: Path) -> None:
@@ -35,24 +40,40 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, keep_previous: str | os.PathLike | None = None
+                ) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, else delete it.
 
     The file is synced before the rename (so a crash never leaves an empty result behind) and
-    gets the permissions an ordinary new file would (umask), not mkstemp's private 0600.
+    gets the permissions an ordinary new file would (umask), not mkstemp's private 0600. With
+    `keep_previous`, the file `path` held until now is renamed there first (a crash between the
+    two renames leaves only `keep_previous`: readers fall back to it). Running out of space
+    (ENOSPC, EDQUOT, EFBIG) is a UserError naming `path`, which is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = Path()
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         _fsync(tmp_path)
+        if keep_previous is not None and path.is_file():
+            os.replace(path, keep_previous)
         os.replace(tmp_path, path)
+    except OSError as e:
+        if tmp_path.name:
+            tmp_path.unlink(missing_ok=True)
+        if e.errno not in NO_SPACE:
+            raise
+        raise UserError(f"no space left to write {path} ({e.strerror}); it was left as it was "
+                        f"and nothing finished is lost: free space and re-run to continue"
+                        ) from None
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path.name:
+            tmp_path.unlink(missing_ok=True)
         raise
 
 
@@ -65,11 +86,33 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
+                      keep_previous: str | os.PathLike | None = None) -> None:
+    """`torch.save` through `atomic_path`. Serialized in memory first: torch's own file writer
+    reports a full disk as an opaque RuntimeError, a plain write as ENOSPC."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path, keep_previous=keep_previous) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
+
+
+class CorruptFile(ValueError):
+    """A file whose stored checksums do not match its content (bit rot, a torn copy)."""
+
+
+def verify_zip(path: str | os.PathLike) -> None:
+    """Check every member of a zip file (torch.save's format) against its stored CRC-32;
+    CorruptFile naming the first bad member. torch.load checks none: a flipped bit in a
+    tensor would load silently."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise CorruptFile(f"not a complete zip file: {e}") from None
+    if bad is not None:
+        raise CorruptFile(f"checksum mismatch in {bad}")
 
 
 def read_json(path: str | os.PathLike) -> Any:

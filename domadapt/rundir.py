@@ -5,6 +5,8 @@ Run directory (written by `domadapt.train.run`)::
     config.json    {"config": RunConfig.to_dict(), "key", "name", "data": {...}, "runtime": {...}}
     log.csv        one row per evaluation (see `domadapt.engine`)
     checkpoint.pt  everything needed to continue bit-identically (atomic)
+    checkpoint.prev.pt  the checkpoint before it, resumed from when checkpoint.pt is unreadable
+                   (removed once metrics.json is written)
     metrics.json   written last, only when the run is complete: the done marker
     .lock          flock held by the process running the cell (sweeps)
     error.txt      traceback of the cell's last failure (sweeps)
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +32,20 @@ import torch
 
 from domadapt.config import RunConfig
 from domadapt.errors import UserError
-from domadapt.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from domadapt.io import (
+    CorruptFile,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    verify_zip,
+)
 
 CONFIG = "config.json"
 METRICS = "metrics.json"
 LOG = "log.csv"
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 LOCK = ".lock"
 ERROR = "error.txt"
 CHECKPOINT_FORMAT = 2  # 2: the method's whole state_dict under "method"
@@ -56,6 +67,7 @@ class RunDir:
     metrics_path = property(lambda self: self.path / METRICS)
     log_path = property(lambda self: self.path / LOG)
     checkpoint_path = property(lambda self: self.path / CHECKPOINT)
+    previous_checkpoint_path = property(lambda self: self.path / PREVIOUS_CHECKPOINT)
     lock_path = property(lambda self: self.path / LOCK)
     error_path = property(lambda self: self.path / ERROR)
 
@@ -91,7 +103,9 @@ class RunDir:
         return self._read_json(self.metrics_path)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
+        """The done marker; the fallback checkpoint is no longer needed after it."""
         atomic_write_json(self.metrics_path, metrics)
+        self.previous_checkpoint_path.unlink(missing_ok=True)
 
     # -- log.csv --------------------------------------------------------------------------------
     def write_log(self, rows: list[dict[str, Any]]) -> None:
@@ -115,18 +129,50 @@ class RunDir:
 
     # -- checkpoint.pt --------------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, self.checkpoint_path)
+        """Atomically; the checkpoint it replaces is kept as checkpoint.prev.pt."""
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, self.checkpoint_path,
+                          keep_previous=self.previous_checkpoint_path)
 
-    def read_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        path = self.checkpoint_path
+    def read_checkpoint(self, map_location: str | torch.device = "cpu", *,
+                        path: Path | None = None) -> dict[str, Any]:
+        """checkpoint.pt (or `path`), its zip checksums verified; UserError if unreadable."""
+        path = path or self.checkpoint_path
         try:
+            verify_zip(path)  # torch.load would take a bit-rotted tensor as it is
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001  (truncated / foreign file: many types)
-            raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to "
+            why = str(e) if isinstance(e, CorruptFile) else type(e).__name__
+            raise UserError(f"{path}: unreadable checkpoint ({why}); delete it to "
                             f"restart the run") from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{path}: not a domadapt checkpoint (format {CHECKPOINT_FORMAT})")
         return ckpt
+
+    def read_latest_checkpoint(self, map_location: str | torch.device = "cpu"
+                               ) -> dict[str, Any] | None:
+        """The newest readable checkpoint: checkpoint.pt, else (with one line on stderr naming
+        the bad file) checkpoint.prev.pt; None if there is neither. UserError naming the
+        file(s) and what to do when none loads (truncated by a crash, corrupted on disk)."""
+        bad: list[tuple[Path, str]] = []
+        for path in (self.checkpoint_path, self.previous_checkpoint_path):
+            if not path.is_file():
+                continue
+            try:
+                ckpt = self.read_checkpoint(map_location, path=path)
+            except UserError as e:
+                bad.append((path, str(e).removeprefix(f"{path}: ").split(";")[0]))
+                continue
+            if bad:
+                print(f"warning: {bad[0][0]}: {bad[0][1]}; resuming from {path.name}, the "
+                      f"checkpoint before it", file=sys.stderr)
+            return ckpt
+        if len(bad) == 2:
+            raise UserError(f"{bad[0][0]}: {bad[0][1]}, and so is {bad[1][0].name}; delete both "
+                            f"to restart the run from the beginning")
+        if bad:
+            raise UserError(f"{bad[0][0]}: {bad[0][1]}; delete it to restart the run from the "
+                            f"beginning")
+        return None
 
     def _read_json(self, path: Path) -> dict[str, Any]:
         try:

@@ -99,3 +99,45 @@ def test_root_is_absolute_without_dotdot(tmp_path, monkeypatch):
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     assert resolve_root(get_dataset("folder"), "../data") == tmp_path / "data"
+
+
+def macos_leftovers(root, domains, classes) -> list[str]:
+    """Add what unpacking a macOS zip in a notebook leaves; return the paths `data check` lists."""
+    first, cls = domains[0], classes[0]
+    for domain in domains:  # __MACOSX/ mirrors the tree with `._<name>` resource forks
+        (root / "__MACOSX" / domain / cls).mkdir(parents=True)
+        (root / "__MACOSX" / domain / cls / "._img0.png").write_bytes(b"\x00\x05\x16\x07")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / first / ".ipynb_checkpoints" / cls).mkdir(parents=True)
+    (root / first / "__MACOSX").mkdir()
+    (root / first / cls / ".DS_Store").write_bytes(b"Bud1")
+    (root / first / cls / "._img0.png").write_bytes(b"not an image")
+    (root / first / cls / ".ipynb_checkpoints").mkdir()
+    return [".DS_Store", "__MACOSX/", f"{first}/.ipynb_checkpoints/", f"{first}/__MACOSX/",
+            f"{first}/{cls}/.DS_Store", f"{first}/{cls}/._img0.png",
+            f"{first}/{cls}/.ipynb_checkpoints/"]
+
+
+@pytest.mark.parametrize("dataset", ["folder", "pacs"])
+def test_archive_and_notebook_leftovers_are_skipped_and_listed(tmp_path, run_cli, dataset):
+    from domadapt.data import domain_items
+    from domadapt.data.registry import skipped_entries
+
+    spec = get_dataset(dataset)
+    domains = spec.domain_names(None) if dataset == "pacs" else ["eight", "nine"]
+    classes = spec.class_names(None) if dataset == "pacs" else ["eight", "one"]
+    root = write_image_tree(tmp_path / "data", domains, classes, 2)
+    clean = {d: domain_items(spec, root, d) for d in domains}
+    listed = macos_leftovers(root, domains, classes)
+
+    assert spec.domain_names(root) == domains and spec.class_names(root) == classes
+    assert {d: domain_items(spec, root, d) for d in domains} == clean  # no `._img0.png`
+    assert [p.relative_to(root).as_posix() + "/" * p.is_dir()
+            for p in skipped_entries(spec, root)] == sorted(listed)
+    code, out, err = run_cli("data", "check", "-D", dataset, "-r", root, "-q")
+    if dataset == "pacs":  # 2 images per class, not PACS's counts: only that mismatch fails
+        assert code != 0 and err.startswith("error: check failed: art_painting has 14 images")
+    else:
+        assert code == 0, err
+    assert f"skipped {len(listed)} entries" in out
+    assert all(f"  {entry}\n" in out for entry in listed)

@@ -26,7 +26,13 @@ from typing import Literal
 
 import numpy as np
 
-from domadapt.data.registry import MANIFEST_DIRNAME, DatasetSpec, class_folders, quote_few
+from domadapt.data.registry import (
+    MANIFEST_DIRNAME,
+    DatasetSpec,
+    class_folders,
+    is_skipped,
+    quote_few,
+)
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_text
 
@@ -37,8 +43,8 @@ Split = Literal["train", "test"]
 
 # -- scanning ----------------------------------------------------------------------------------
 def is_image(path: Path) -> bool:
-    """A visible file with an image extension (any case)."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """A file with an image extension (any case) that `is_skipped` keeps (not `._x.jpg`)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not is_skipped(path.name)
 
 
 def scan_domain(spec: DatasetSpec, root: Path, domain: str) -> Items:

@@ -2,8 +2,10 @@
 
 Every dataset lives on disk as ``<root>/<domain>/<class>/<image>``. A descriptor either fixes
 its domains and classes (``officehome``, ``pacs``, ``styledigits``) or discovers them from the
-root (``folder``: every sub-folder of the root is a domain, every sub-sub-folder a class; hidden
-folders and the reserved ``manifests/`` folder are skipped). Labels are indices into the sorted
+root (``folder``: every sub-folder of the root is a domain, every sub-sub-folder a class; the
+reserved ``manifests/`` folder and what archive tools and notebooks leave behind -- hidden
+entries such as ``.ipynb_checkpoints/`` or ``.DS_Store`` and macOS's ``__MACOSX/`` -- are skipped,
+see `is_skipped` and `skipped_entries`). Labels are indices into the sorted
 class list. Domain names are accepted by full or short name, case-insensitively.
 """
 
@@ -18,6 +20,14 @@ from domadapt.data import styledigits
 from domadapt.errors import UserError
 
 MANIFEST_DIRNAME = "manifests"
+ARCHIVE_LEFTOVERS = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})  # not data: skipped
+
+
+def is_skipped(name: str) -> bool:
+    """True for an entry that is never a domain, class or image: a hidden one (`.DS_Store`,
+    `.ipynb_checkpoints`, macOS's `._*` resource forks) or an archive tool's leftover
+    (`__MACOSX`, `Thumbs.db`, `desktop.ini`)."""
+    return name.startswith(".") or name in ARCHIVE_LEFTOVERS
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,21 @@ class DatasetSpec:
 
 def class_folders(domain_dir: Path) -> list[str]:
     """Sorted names of the visible sub-folders of a domain folder."""
-    return sorted(p.name for p in domain_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p.name for p in domain_dir.iterdir() if p.is_dir() and not is_skipped(p.name))
+
+
+def skipped_entries(spec: DatasetSpec, root: str | Path,
+                    domains: list[str] | None = None) -> list[Path]:
+    """The entries `is_skipped` passes over at the dataset root, in the domain folders and in
+    their class folders (of `domains`, default all), sorted: what `data check` lists."""
+    root = Path(root)
+    found = [p for p in root.iterdir() if is_skipped(p.name)]
+    for name in domains or spec.domain_names(root):
+        folder = spec.domain_dir(root, name)
+        found += [p for p in folder.iterdir() if is_skipped(p.name)]
+        found += [p for c in class_folders(folder)
+                  for p in (folder / c).iterdir() if is_skipped(p.name)]
+    return sorted(found)
 
 
 def derive_short_names(names: list[str]) -> list[str]:
@@ -126,7 +150,7 @@ def _discover_domains(root: Path) -> list[Domain]:
     names = sorted(
         p.name
         for p in root.iterdir()
-        if p.is_dir() and not p.name.startswith(".") and p.name != MANIFEST_DIRNAME
+        if p.is_dir() and not is_skipped(p.name) and p.name != MANIFEST_DIRNAME
     )
     if not names:
         raise UserError(f"no domain folders in {root}")

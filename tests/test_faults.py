@@ -1,0 +1,504 @@
+"""Fault injection: what long runs and sweeps meet, and that nothing finished is ever lost.
+
+Each test injects real faults (ENOSPC from the kernel's sync call, truncated or overwritten
+files, SIGKILL of a sweep worker or of a whole sweep, SIGTERM at a random batch), then checks
+that the run or sweep resumes and ends with the numbers of an uninterrupted run, and that no
+finished result is missing or half-written. With DOMADAPT_FAULT_LOG set, every injection
+appends {"fault", "recovered", "lost"} there (benchmarks/fault_report.py makes the README
+figure from it); the record is written before the asserts, so a failure is counted too.
+`lost` counts finished results (cells of a sweep) damaged by the fault; it is None where no
+result had finished before the fault (a single run: what it risks is its progress, and
+"recovered" says whether that came back exactly).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import FOREGROUND_SIGINT
+
+from domadapt.config import make_config
+from domadapt.data.dataset import DomainDataset
+from domadapt.data.loaders import InfiniteLoader
+from domadapt.data.testing import write_image_tree
+from domadapt.errors import UserError
+from domadapt.rundir import RunDir
+from domadapt.sweep import FAILED, LocalLauncher, ProcessLauncher, cell_dir, plan_sweep, run_sweep
+from domadapt.train import run
+
+TESTS = Path(__file__).resolve().parent
+TIMING_KEYS = {"wall_seconds", "train_seconds", "images_per_second"}
+ITERS, EVERY = 20, 5
+
+
+def read_checkpoint(path: Path) -> dict:
+    return RunDir(path.parent).read_checkpoint(path=path)
+
+
+# -- set-up -------------------------------------------------------------------------------------
+
+def add_archive_leftovers(root: Path) -> None:
+    """What a macOS zip unpacked in a notebook leaves: every run here trains on such a root."""
+    (root / "__MACOSX" / "alpha" / "one").mkdir(parents=True)
+    (root / "__MACOSX" / "alpha" / "one" / "._img0.png").write_bytes(b"\x00\x05\x16\x07")
+    (root / ".DS_Store").write_bytes(b"Bud1")
+    (root / "alpha" / ".ipynb_checkpoints").mkdir()
+    (root / "beta" / "two" / "._img1.png").write_bytes(b"not an image")
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    root = write_image_tree(tmp_path_factory.mktemp("faults") / "data", ["alpha", "beta"],
+                            ["one", "three", "two"], 8, size=16)
+    add_archive_leftovers(root)
+    return root
+
+
+def options(tree: Path, **kw) -> dict:
+    base = {"dataset": "folder", "root": str(tree), "source": "alpha", "target": "beta",
+            "method": "dann", "norm": "bin", "backbone": "digitnet", "pretrained": "none",
+            "iters": ITERS, "batch_size": 8, "image_size": 16, "resize_size": 18,
+            "bottleneck_dim": 16, "disc_hidden": 32, "lr": 0.05, "backbone_lr_mult": 1.0,
+            "eval_every": EVERY, "checkpoint_every": EVERY, "num_workers": 0, "seed": 0}
+    return base | kw
+
+
+def numbers(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+
+
+@pytest.fixture(scope="module")
+def reference(tree, tmp_path_factory) -> dict:
+    """Metrics of the uninterrupted run every faulted run must end with."""
+    return numbers(run(make_config(**options(tree)), tmp_path_factory.mktemp("ref") / "run",
+                       device="cpu", quiet=True))
+
+
+@pytest.fixture
+def record():
+    """record(fault, recovered, lost): one injection for the README figure (if logging)."""
+    def _record(fault: str, recovered: bool, lost: int | None = None) -> None:
+        if path := os.environ.get("DOMADAPT_FAULT_LOG"):
+            with open(path, "a") as f:
+                f.write(json.dumps({"fault": fault, "recovered": bool(recovered),
+                                    "lost": lost}) + "\n")
+    return _record
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary files of interrupted atomic writes."""
+    return sorted(p.name for p in folder.rglob(".*.tmp"))
+
+
+# -- injectors ----------------------------------------------------------------------------------
+
+@contextmanager
+def disk_full_at(name: str, occurrence: int = 1) -> Iterator[list[str]]:
+    """The `occurrence`-th sync of a file being written as `name` fails with ENOSPC, after
+    half its data reached the disk (delayed allocation reports a full disk this late). Yields
+    the list of files it failed."""
+    real_fsync, seen, failed = os.fsync, [0], []
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if Path(path).name.startswith(f".{name}."):
+            seen[0] += 1
+            if seen[0] == occurrence:
+                os.truncate(path, os.fstat(fd).st_size // 2)
+                failed.append(path)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(os, "fsync", fsync)
+    try:
+        yield failed
+    finally:
+        mp.undo()
+
+
+@contextmanager
+def file_size_limit_from_batch(batch: int, limit: int) -> Iterator[None]:
+    """From training batch `batch` on, the kernel refuses to grow any file of this process past
+    `limit` bytes (RLIMIT_FSIZE; with SIGXFSZ ignored, write() fails with EFBIG): a real
+    failing write, as on a full disk."""
+    real_next, count = InfiniteLoader.__next__, [0]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def __next__(self):
+        count[0] += 1
+        if count[0] == batch:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        return real_next(self)
+
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(InfiniteLoader, "__next__", __next__)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        mp.undo()
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@contextmanager
+def signal_at_batch(batch: int, signum: int) -> Iterator[None]:
+    """Send this process `signum` while the loaders hand out their `batch`-th training batch
+    (counted over all loaders: a DANN iteration draws two), i.e. in the middle of an iteration."""
+    real_next, count = InfiniteLoader.__next__, [0]
+
+    def __next__(self):
+        count[0] += 1
+        if count[0] == batch:
+            os.kill(os.getpid(), signum)
+        return real_next(self)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(InfiniteLoader, "__next__", __next__)
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+@contextmanager
+def signal_at_image(image: int, signum: int) -> Iterator[list[int]]:
+    """Send this process `signum` while the `image`-th image of the run is read, counting
+    training batches and evaluation passes alike (num_workers=0: all in this process). Yields
+    a one-item list: how many images were read so far."""
+    real_getitem, count = DomainDataset.__getitem__, [0]
+
+    def __getitem__(self, key):
+        count[0] += 1
+        if count[0] == image:
+            os.kill(os.getpid(), signum)
+        return real_getitem(self, key)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(DomainDataset, "__getitem__", __getitem__)
+    try:
+        yield count
+    finally:
+        mp.undo()
+
+
+class StraySignal(Exception):
+    pass
+
+
+@pytest.fixture
+def sigterm_guard():
+    """SIGTERM outside a run's own handler must fail the test, not kill pytest."""
+    def stray(signum, frame):
+        raise StraySignal
+    previous = signal.signal(signal.SIGTERM, stray)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+# -- disk full ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,occurrence", [("checkpoint.pt", 2), ("log.csv", 3),
+                                             ("metrics.json", 1)])
+def test_disk_full_during_a_run_write_keeps_the_last_good_state(tree, reference, tmp_path,
+                                                                  record, name, occurrence):
+    cfg, out = make_config(**options(tree)), tmp_path / "run"
+    with disk_full_at(name, occurrence) as failed, pytest.raises(UserError) as info:
+        run(cfg, out, device="cpu", quiet=True)
+    message = str(info.value)
+    ckpt = read_checkpoint(out / "checkpoint.pt")["state"]["iteration"]
+    tmp = leftovers(out)
+    metrics = run(cfg, out, device="cpu", quiet=True)  # disk freed: re-run
+    record("disk full (run file)", numbers(metrics) == reference)
+
+    assert len(failed) == 1 and message.count("\n") == 0
+    assert message.startswith(f"no space left to write {out / name}") and "re-run" in message
+    assert tmp == []
+    assert ckpt == {"checkpoint.pt": EVERY, "log.csv": 2 * EVERY, "metrics.json": ITERS}[name]
+    assert numbers(metrics) == reference
+
+
+def test_a_real_failing_write_of_a_checkpoint_keeps_the_previous_one(tree, reference, tmp_path,
+                                                                     record):
+    cfg, out = make_config(**options(tree)), tmp_path / "run"
+    with file_size_limit_from_batch(2 * 7, 4096), pytest.raises(UserError) as info:
+        run(cfg, out, device="cpu", quiet=True)
+    ckpt = read_checkpoint(out / "checkpoint.pt")["state"]["iteration"]
+    tmp = leftovers(out)
+    metrics = run(cfg, out, device="cpu", quiet=True)
+    record("file-size limit hit by a checkpoint write (kernel EFBIG)",
+           numbers(metrics) == reference)
+
+    assert str(info.value).startswith(f"no space left to write {out / 'checkpoint.pt'} "
+                                      f"(File too large)")
+    assert ckpt == EVERY and tmp == []  # the write at iteration 10 failed, 5 is kept
+    assert numbers(metrics) == reference
+
+
+def _plan(tree: Path):
+    """4 tiny DANN cells: alpha->beta and beta->alpha, each with BN and BIN."""
+    o = options(tree)
+    return plan_sweep(dataset="folder", root=str(tree), tasks="alpha:beta,beta:alpha",
+                      methods="dann", norms="bn,bin", seeds="0", multidomain=False,
+                      **{k: o[k] for k in ("backbone", "pretrained", "iters", "batch_size",
+                                           "image_size", "resize_size", "bottleneck_dim",
+                                           "disc_hidden", "lr", "backbone_lr_mult",
+                                           "eval_every", "checkpoint_every", "num_workers")})
+
+
+def finished(sweep_dir: Path) -> dict[str, dict]:
+    """{cell: metrics numbers} of every finished cell (parsing them: none may be half-written)."""
+    return {p.parent.name: numbers(json.loads(p.read_text()))
+            for p in sorted((sweep_dir / "runs").glob("*/metrics.json"))}
+
+
+@pytest.fixture(scope="module")
+def sweep_reference(tree, tmp_path_factory) -> dict[str, dict]:
+    """The numbers of every cell of `_plan`, run without faults."""
+    sweep_dir = tmp_path_factory.mktemp("sweep-ref")
+    run_sweep(_plan(tree), sweep_dir, LocalLauncher(), device="cpu", quiet=True)
+    return finished(sweep_dir)
+
+
+def test_disk_full_during_a_table_write_loses_no_result(tree, sweep_reference, tmp_path, record):
+    plan = _plan(tree)
+    with disk_full_at("runs.csv", 2), pytest.raises(UserError) as info:
+        run_sweep(plan, tmp_path, LocalLauncher(), device="cpu", quiet=True)
+    before = finished(tmp_path)
+    table = pd.read_csv(tmp_path / "runs.csv")  # the previous version, whole
+    tmp = leftovers(tmp_path)
+    report = run_sweep(plan, tmp_path, LocalLauncher(), device="cpu", quiet=True)
+    after = finished(tmp_path)
+    lost = sum(after.get(cell) != m for cell, m in before.items())
+    record("disk full (table)", after == sweep_reference, lost)
+
+    assert str(info.value).startswith(f"no space left to write {tmp_path / 'runs.csv'}")
+    assert len(before) == 2 and len(table) == 1 and tmp == []
+    assert report.skipped == 2 and report.ran == len(plan.configs) - 2 and not report.failed
+    assert after == sweep_reference and lost == 0
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == len(plan.configs)
+
+
+# -- corrupt files ------------------------------------------------------------------------------
+
+def corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 3])
+    else:  # bit rot in the middle of the file
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 64]) + data[mid + 64:])
+
+
+def interrupted_run(cfg, out: Path, batch: int) -> int:
+    """Run `cfg` until a SIGTERM at training batch `batch`; the iteration it stopped at."""
+    with signal_at_batch(batch, signal.SIGTERM), pytest.raises(KeyboardInterrupt):
+        run(cfg, out, device="cpu", quiet=True)
+    assert not (out / "metrics.json").exists()
+    return read_checkpoint(out / "checkpoint.pt")["state"]["iteration"]
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_corrupt_checkpoint_resumes_from_the_one_before(tree, reference, tmp_path, record,
+                                                        sigterm_guard, capsys, run_cli, how):
+    cfg, out = make_config(**options(tree)), tmp_path / "run"
+    stopped = interrupted_run(cfg, out, batch=2 * 13)  # iteration 13: previous one at 10
+    assert read_checkpoint(out / "checkpoint.prev.pt")["state"]["iteration"] == 10
+    corrupt(out / "checkpoint.pt", how)
+    capsys.readouterr()
+    metrics = run(cfg, out, device="cpu", quiet=True)
+    warning = capsys.readouterr().err
+    record("corrupt checkpoint (the one before loads)", numbers(metrics) == reference)
+
+    assert stopped == 13
+    assert warning.count("\n") == 1 and warning.startswith(f"warning: {out / 'checkpoint.pt'}")
+    assert "resuming from checkpoint.prev.pt" in warning
+    assert numbers(metrics) == reference
+    assert not (out / "checkpoint.prev.pt").exists()  # a finished run keeps one checkpoint
+
+    # neither loads: one line naming the file and what to do; doing it restarts the run
+    out2 = tmp_path / "run2"
+    interrupted_run(cfg, out2, batch=2 * 12)
+    corrupt(out2 / "checkpoint.pt", how)
+    corrupt(out2 / "checkpoint.prev.pt", how)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree).items()]
+    code, _, err = run_cli("train", *args, "--out", out2, "--device", "cpu", "--quiet")
+    assert code != 0 and err.count("\n") == 1
+    assert err.startswith(f"error: {out2 / 'checkpoint.pt'}: ") and "delete both" in err
+    (out2 / "checkpoint.pt").unlink()
+    (out2 / "checkpoint.prev.pt").unlink()
+    again = run(cfg, out2, device="cpu", quiet=True)
+    record("corrupt checkpoint and the one before", numbers(again) == reference)
+    assert numbers(again) == reference
+
+
+def test_killed_between_the_two_renames_resumes_from_the_previous_checkpoint(
+        tree, reference, tmp_path, record, sigterm_guard, capsys):
+    """A crash after checkpoint.pt moved to checkpoint.prev.pt, before the new one took its
+    name, leaves only the previous checkpoint: resumed from it, silently and exactly."""
+    cfg, out = make_config(**options(tree)), tmp_path / "run"
+    interrupted_run(cfg, out, batch=2 * 13)
+    os.replace(out / "checkpoint.pt", out / ".checkpoint.pt.x.tmp")  # the new one, unnamed
+    capsys.readouterr()
+    metrics = run(cfg, out, device="cpu", quiet=True)
+    record("killed between the checkpoint renames", numbers(metrics) == reference)
+    assert capsys.readouterr().err == ""
+    assert numbers(metrics) == reference
+
+
+def test_corrupt_metrics_json_names_the_file_and_finishes_from_the_checkpoint(
+        tree, reference, tmp_path, record, run_cli):
+    cfg, out = make_config(**options(tree)), tmp_path / "run"
+    run(cfg, out, device="cpu", quiet=True)
+    stamp = (out / "checkpoint.pt").stat().st_mtime_ns
+    corrupt(out / "metrics.json", "truncated")
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree).items()]
+    code, _, err = run_cli("train", *args, "--out", out, "--device", "cpu", "--quiet")
+    (out / "metrics.json").unlink()  # what the message says to do
+    metrics = run(cfg, out, device="cpu", quiet=True)
+    record("corrupt metrics.json", numbers(metrics) == reference,
+           lost=int(numbers(metrics) != reference))  # the finished result, back or not
+
+    assert code != 0 and err.count("\n") == 1
+    assert err.startswith(f"error: corrupt {out / 'metrics.json'}") and "delete it" in err
+    assert numbers(metrics) == reference
+    assert (out / "checkpoint.pt").stat().st_mtime_ns == stamp  # finished without retraining
+
+
+# -- SIGTERM at random points -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def images_in_a_run(tree, tmp_path_factory) -> int:
+    """How many images one run reads (training batches and evaluations)."""
+    with signal_at_image(0, signal.SIGTERM) as count:
+        run(make_config(**options(tree)), tmp_path_factory.mktemp("count") / "run",
+            device="cpu", quiet=True)
+    return count[0]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_sigterm_at_a_random_point_resumes_exactly(tree, reference, images_in_a_run, tmp_path,
+                                                   record, sigterm_guard, seed):
+    """SIGTERM while image k is read, k uniform over every image the run reads (in a training
+    batch or an evaluation pass): the run checkpoints at the end of that iteration and stops
+    (exit code 130 from the CLI); resumed, it ends with the uninterrupted run's numbers."""
+    image = int(np.random.default_rng(seed).integers(1, images_in_a_run + 1))
+    cfg, out = make_config(**options(tree)), tmp_path / "run"
+    with signal_at_image(image, signal.SIGTERM), pytest.raises(KeyboardInterrupt):
+        run(cfg, out, device="cpu", quiet=True)
+    stopped = read_checkpoint(out / "checkpoint.pt")["state"]["iteration"]
+    done = (out / "metrics.json").exists()
+    metrics = run(cfg, out, device="cpu", quiet=True)
+    record("SIGTERM at a random point", numbers(metrics) == reference)
+
+    assert 1 <= stopped <= ITERS and not done
+    assert numbers(metrics) == reference
+
+
+# -- sweeps: SIGKILL of a worker, of a whole sweep ----------------------------------------------
+
+def killing_runner(cfg, run_dir: Path, *, kill: str, batch: int, **kw) -> dict:
+    """train.run; the first process to run a cell whose name contains `kill` SIGKILLs itself
+    (as the OOM killer does) at training batch `batch`. Each completion is logged once to
+    SWEEP_DIR/completions.txt."""
+    run_dir = Path(run_dir)
+    try:
+        fd = os.open(run_dir / "killed", os.O_CREAT | os.O_EXCL) if kill in run_dir.name else None
+    except FileExistsError:
+        fd = None
+    if fd is not None:
+        os.close(fd)
+        with signal_at_batch(batch, signal.SIGKILL):
+            run(cfg, run_dir, **kw)
+    metrics = run(cfg, run_dir, **kw)
+    with open(run_dir.parent.parent / "completions.txt", "a") as f:
+        f.write(f"{run_dir.name} {os.getpid()}\n")
+    return metrics
+
+
+def completions(sweep_dir: Path) -> list[str]:
+    path = sweep_dir / "completions.txt"
+    return sorted(line.split()[0] for line in path.read_text().splitlines()) if path.exists() else []
+
+
+def test_sigkilled_sweep_worker_fails_its_cell_which_reruns_next_time(
+        tree, sweep_reference, tmp_path, record):
+    plan = _plan(tree)
+    victim = cell_dir(tmp_path, plan.configs[0]).name
+    runner = partial(killing_runner, kill=victim, batch=2 * 12)
+    report = run_sweep(plan, tmp_path, ProcessLauncher(workers=2), runner=runner,
+                       device="cpu", quiet=True)
+    first = finished(tmp_path)
+    stopped = read_checkpoint(tmp_path / "runs" / victim / "checkpoint.pt")["state"]["iteration"]
+    again = run_sweep(plan, tmp_path, LocalLauncher(), runner=runner, device="cpu", quiet=True)
+    after = finished(tmp_path)
+    lost = sum(after.get(cell) != m for cell, m in first.items())
+    record("SIGKILL of a sweep worker", after == sweep_reference, lost)
+
+    assert [(f.run_dir.name, f.status) for f in report.failed] == [(victim, FAILED)]
+    assert "worker process died (exit code -9)" in str(report.failed[0].error)
+    assert report.ran == len(plan.configs) - 1 and victim not in first and stopped == 10
+    assert again.skipped == len(plan.configs) - 1 and again.ran == 1 and not again.failed
+    assert after == sweep_reference and lost == 0
+    assert completions(tmp_path) == sorted(sweep_reference)
+
+
+def sweep_main(tree: str, sweep_dir: str, kill: str) -> None:
+    """A sweep in its own process (the tests below start two on one directory)."""
+    from cli.main import stop_on_sigterm
+
+    stop_on_sigterm()
+    report = run_sweep(_plan(Path(tree)), sweep_dir, LocalLauncher(), device="cpu", quiet=True,
+                       runner=partial(killing_runner, kill=kill, batch=2 * 12))
+    print(json.dumps({"skipped": report.skipped, "ran": report.ran,
+                      "elsewhere": report.finished_elsewhere, "failed": len(report.failed)}))
+
+
+def test_two_sweeps_on_one_directory_one_killed_run_each_cell_once(
+        tree, sweep_reference, tmp_path, record):
+    plan = _plan(tree)
+    victim = cell_dir(tmp_path, plan.configs[1]).name  # second cell: both sweeps are running
+    code = (FOREGROUND_SIGINT + f"import sys; sys.path.insert(0, {str(TESTS)!r}); "
+            f"import test_faults; test_faults.sweep_main({str(tree)!r}, {str(tmp_path)!r}, "
+            f"{victim!r})")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    after = finished(tmp_path)
+    record("SIGKILL of one of two sweeps sharing a directory", after == sweep_reference,
+           sum(after.get(cell) != m for cell, m in sweep_reference.items()))
+
+    assert codes == [-signal.SIGKILL, 0], outs
+    survivor = json.loads(next(o for p, (o, _) in zip(procs, outs)
+                               if p.returncode == 0).strip().splitlines()[-1])
+    assert survivor["failed"] == 0
+    assert survivor["skipped"] + survivor["ran"] + survivor["elsewhere"] == len(plan.configs)
+    assert completions(tmp_path) == sorted(sweep_reference)  # each cell finished exactly once
+    assert after == sweep_reference
+    again = run_sweep(plan, tmp_path, LocalLauncher(), device="cpu", quiet=True)
+    assert again.skipped == len(plan.configs) and again.ran == 0
+
+
+# -- real-world folders -------------------------------------------------------------------------
+
+def test_a_root_unpacked_from_a_macos_archive_trains(tree, reference):
+    """The shared tree carries __MACOSX/, .DS_Store, .ipynb_checkpoints/ and a `._` fork."""
+    assert (tree / "__MACOSX").is_dir() and (tree / "beta" / "two" / "._img1.png").is_file()
+    assert reference["iters"] == ITERS
+    assert sorted(reference["per_class_target_acc"]) == ["one", "three", "two"]
