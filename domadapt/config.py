@@ -30,7 +30,7 @@ PLUGIN_FIELDS = ("method_options", "norm_options")
 # Fields that do not change what a run computes: left out of the run key.
 NON_KEY_FIELDS = frozenset({"root", "num_workers", "eval_every", "checkpoint_every"})
 
-RUN, DATA, OPT, SYS = "Run", "Data", "Optimization", "System"
+RUN, DATA, OPT, EVAL, SYS = "Run", "Data", "Optimization", "Evaluation", "System"
 
 
 def config_field(default: Any, help: str, panel: str = RUN, *, cli: bool = True,
@@ -80,7 +80,12 @@ class RunConfig:
     lr_decay: float = config_field(0.75, "lr schedule exponent", OPT)
     split_seed: int = config_field(0, "multi-domain train/test split seed", DATA)
     test_fraction: float = config_field(0.2, "multi-domain test share of each domain", DATA)
-    eval_every: int = config_field(500, "evaluate every N iterations", SYS)
+    source_val_fraction: float = config_field(
+        0.0, "hold out this share of the source (stratified, --split-seed) for the val_source "
+        "and val_dev validators; 0: train on all of it, as the references do", EVAL)
+    adabn: bool = config_field(False, "also log target_acc_adabn: the target accuracy with BN / "
+                               "BIN batch statistics re-estimated on the target (AdaBN)", EVAL)
+    eval_every: int = config_field(500, "evaluate every N iterations", EVAL)
     checkpoint_every: int = config_field(500, "checkpoint every N iterations", SYS)
     num_workers: int = config_field(2, "data-loading processes", SYS)
     amp: bool = config_field(True, "mixed precision (CUDA only)", SYS)
@@ -103,6 +108,9 @@ class RunConfig:
         for name in ("seed", "split_seed", "weight_decay", "backbone_lr_mult", "momentum"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.source_val_fraction < 1.0:
+            raise UserError(f"--source-val-fraction must lie in [0, 1), got "
+                            f"{self.source_val_fraction}")
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"test fraction must lie in (0, 1), got {self.test_fraction}")
         if self.num_workers < 0:

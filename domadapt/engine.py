@@ -47,13 +47,14 @@ import torch
 from torch import Tensor, nn
 
 from domadapt.config import RunConfig
-from domadapt.data import InfiniteLoader
+from domadapt.data import InfiniteLoader, eval_loader
 from domadapt.distributed import DistContext
 from domadapt.errors import UserError
-from domadapt.evaluation import accuracy, per_class_accuracy, predict, to_device
+from domadapt.evaluation import accuracy, outputs, per_class_accuracy, to_device, validators
 from domadapt.methods import Step, build_method
 from domadapt.models import DomainAdaptModel, build_model
 from domadapt.nn import build_sgd, set_lr
+from domadapt.nn.adabn import adapt_batch_stats, has_batch_stats
 from domadapt.norms import get_norm
 from domadapt.progress import progress
 from domadapt.rundir import RunDir
@@ -325,26 +326,51 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
+    def _outputs(self, model: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        return outputs(model, self.data.evals[name], batch_size=2 * self.cfg.batch_size,
+                       num_workers=self.cfg.num_workers, device=self.device,
+                       autocast=self.autocast(), channels_last=self.channels_last)
+
     def evaluate(self) -> dict[str, Any]:
         """Accuracy on every evaluation set, per-class accuracy on the result domains (pooled),
-        the norm's diagnostics."""
+        the validators, AdaBN accuracy (if asked), the norm's diagnostics."""
         acc: dict[str, float] = {}
-        scored: dict[str, tuple[Tensor, Tensor]] = {}
-        for name, ds in self.data.evals.items():
-            scored[name] = predict(self.model, ds, batch_size=2 * self.cfg.batch_size,
-                                   num_workers=self.cfg.num_workers, device=self.device,
-                                   autocast=self.autocast(), channels_last=self.channels_last)
-            acc[name] = accuracy(*scored[name])
+        scored = {name: self._outputs(self.model, name) for name in self.data.evals}
+        for name, (logits, _, labels) in scored.items():
+            acc[name] = accuracy(logits.argmax(1), labels)
         acc["target"] = result_accuracy(self.cfg, acc, self.data)
-        preds = torch.cat([scored[d][0] for d in self.data.targets])
-        labels = torch.cat([scored[d][1] for d in self.data.targets])
-        return {"acc": acc, "per_class": per_class_accuracy(preds, labels, self.data.classes),
-                "diagnostics": self.norm.diagnostics(self.model)}
+        logits, features, labels = (torch.cat([scored[d][i] for d in self.data.targets])
+                                    for i in range(3))
+        source_features = scored["source"][1] if "source" in scored else None
+        checks = validators(logits, features, source_features=source_features,
+                            holdout=scored.get("source_val"), seed=self.cfg.seed)
+        if self.cfg.adabn:
+            checks["target_acc_adabn"] = self._adabn_accuracy()
+        return {"acc": acc, "per_class": per_class_accuracy(logits.argmax(1), labels,
+                                                           self.data.classes),
+                "validators": checks, "diagnostics": self.norm.diagnostics(self.model)}
+
+    def _adabn_accuracy(self) -> float | None:
+        """Target accuracy with the norm layers' batch statistics re-estimated on each target
+        domain's images (AdaBN, Li et al., 2016); None when the model has no such layers."""
+        if not has_batch_stats(self.model):
+            return None
+        acc = {}
+        for name in self.data.targets:
+            batches = (to_device(x, self.device, self.channels_last) for x, _ in
+                       eval_loader(self.data.evals[name], 2 * self.cfg.batch_size,
+                                   self.cfg.num_workers, pin_memory=self.device.type == "cuda"))
+            with self.autocast():
+                adapted = adapt_batch_stats(self.model, batches)
+            logits, _, labels = self._outputs(adapted, name)
+            acc[name] = accuracy(logits.argmax(1), labels)
+        return result_accuracy(self.cfg, acc, self.data)
 
     def _log_row(self, ev: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {"iter": self.state.iteration, **self.state.window.means(),
                                "source_acc": ev["acc"].get("source"),
-                               "target_acc": ev["acc"]["target"], **ev["diagnostics"],
+                               "target_acc": ev["acc"]["target"], **ev["validators"],
+                               **ev["diagnostics"],
                                "lr": self.lrs.get("heads")}
         if self.special is not None:  # the backbone's, where the gates are (else the heads')
             label = self.special.label
@@ -432,7 +458,8 @@ class Trainer:
         return {
             "run_key": self.cfg.key(), "name": self.cfg.name(),
             "target_acc": ev["acc"]["target"], "source_acc": ev["acc"].get("source"),
-            "per_class_target_acc": ev["per_class"], **w, **ev["diagnostics"],
+            "per_class_target_acc": ev["per_class"], **w, **ev["validators"],
+            **ev["diagnostics"],
             **oracle(st.log),
             "iters": st.iteration, "wall_seconds": st.wall_seconds,
             "train_seconds": st.train_seconds,

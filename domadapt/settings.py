@@ -19,6 +19,7 @@ import numpy as np
 
 from domadapt.config import RunConfig
 from domadapt.data import DomainDataset, build_transform, domain_items, get_dataset, resolve_root
+from domadapt.data.manifest import split_items
 from domadapt.errors import UserError
 from domadapt.methods import get_method
 
@@ -26,8 +27,9 @@ from domadapt.methods import get_method
 @dataclass
 class RunData:
     """Datasets of one run. `train`: "source" (multidomain: all train splits pooled) and, for
-    a method that uses it, "target"; `evals`: "source" and "target" (transfer) or one entry per
-    domain's test split (multidomain); `targets`: the evals whose accuracy is the result."""
+    a method that uses it, "target"; `evals`: "source" and "target" (transfer; plus
+    "source_val", the held-out source, with --source-val-fraction > 0) or one entry per domain's
+    test split (multidomain); `targets`: the evals whose accuracy is the result."""
 
     classes: list[str]
     train: dict[str, DomainDataset]
@@ -71,12 +73,19 @@ def build_data(cfg: RunConfig) -> RunData:
                        domains, {"classes": classes, "domains": domains, "num_images": counts})
     src = domain_items(spec, root, str(cfg.source))
     tgt = domain_items(spec, root, str(cfg.target))
+    held: list = []
+    if cfg.source_val_fraction > 0:
+        src, held = split_items(src, cfg.source_val_fraction, cfg.split_seed)
     train = {"source": DomainDataset(src, train_tf)}
     if get_method(cfg.method).uses_target:
         train["target"] = DomainDataset(tgt, train_tf)
     evals = {"source": DomainDataset(src, eval_tf), "target": DomainDataset(tgt, eval_tf)}
+    counts = {"source": len(src), "target": len(tgt)}
+    if held:
+        evals["source_val"] = DomainDataset(held, eval_tf)
+        counts["source_val"] = len(held)
     return RunData(classes, train, evals, [str(cfg.source), str(cfg.target)], ["target"],
-                   {"classes": classes, "num_images": {"source": len(src), "target": len(tgt)}})
+                   {"classes": classes, "num_images": counts})
 
 
 def result_accuracy(cfg: RunConfig, acc: dict[str, float], data: RunData) -> float:
