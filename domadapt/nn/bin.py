@@ -77,8 +77,9 @@ _C_SOURCE = r"""
 #include <stdlib.h>
 
 #define BIN_ROWS 64 /* rows summed in the input precision before adding in double */
+#define BIN_CB 32   /* channels_last: channels per register-resident accumulator block */
 
-#define BIN_KERNELS(T, SFX)                                                                   \
+#define BIN_KERNELS(T, SFX, SQRT)                                                                   \
 /* Per (n, c), mu given: s1 = sum_i u, s2 = sum_i u (v - mu);                              \
    mu NULL: s1 = mean of u, s2 = sum_i (u - s1)^2 (two-pass). */                           \
 static int sums_##SFX(const T *u, const T *v, const double *mu, int64_t N, int64_t C,      \
@@ -103,48 +104,65 @@ static int sums_##SFX(const T *u, const T *v, const double *mu, int64_t N, int64
             s1[nc] = mu ? a : m; s2[nc] = b;                                                         \
         }                                                                                   \
     } else {                                                                                \
-        /* Channels inner: per-channel accumulators in T (vectorised like the data), over  \
-           blocks of BIN_ROWS rows, each block's sums then added in double. */              \
-        T *work = (T *)malloc(sizeof(T) * 3 * C * N);                                       \
-        if (!work) return -1;                                                               \
+        /* Channels inner: blocks of BIN_CB channels whose accumulators (in T, over       \
+           BIN_ROWS rows at a time, then added in double) stay in registers. */             \
         _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
         for (int64_t n = 0; n < N; ++n) {                                                   \
             const T *un = u + n * M * C, *vn = v + n * M * C;                               \
-            double *a = s1 + n * C, *b = s2 + n * C;                                        \
-            T *fa = work + n * 3 * C, *fb = fa + C, *m = fb + C;                            \
-            for (int64_t c = 0; c < C; ++c) { a[c] = 0.0; b[c] = 0.0; }                     \
-            if (mu) for (int64_t c = 0; c < C; ++c) m[c] = (T)mu[n * C + c];                \
-            for (int pass = mu ? 1 : 0; pass < 2; ++pass) {                                 \
-                for (int64_t i0 = 0; i0 < M; i0 += BIN_ROWS) {                              \
-                    const int64_t i1 = i0 + BIN_ROWS < M ? i0 + BIN_ROWS : M;               \
-                    for (int64_t c = 0; c < C; ++c) { fa[c] = 0; fb[c] = 0; }               \
-                    for (int64_t i = i0; i < i1; ++i) {                                     \
-                        const T *ur = un + i * C, *vr = vn + i * C;                         \
-                        if (pass == 0) {                                                    \
-                            _Pragma("omp simd")                                             \
-                            for (int64_t c = 0; c < C; ++c) fa[c] += ur[c];                 \
-                        } else if (!mu) {                                                   \
-                            _Pragma("omp simd")                                             \
-                            for (int64_t c = 0; c < C; ++c) { T d = ur[c] - m[c]; fb[c] += d * d; } \
+            for (int64_t c0 = 0; c0 < C; c0 += BIN_CB) {                                    \
+                const int64_t cw = C - c0 < BIN_CB ? C - c0 : BIN_CB;                       \
+                double a[BIN_CB], b[BIN_CB];                                                \
+                T m[BIN_CB];                                                                \
+                for (int j = 0; j < BIN_CB; ++j) {                                          \
+                    a[j] = 0.0; b[j] = 0.0; m[j] = (mu && j < cw) ? (T)mu[n * C + c0 + j] : 0; \
+                }                                                                           \
+                for (int pass = mu ? 1 : 0; pass < 2; ++pass) {                             \
+                    for (int64_t i0 = 0; i0 < M; i0 += BIN_ROWS) {                          \
+                        const int64_t i1 = i0 + BIN_ROWS < M ? i0 + BIN_ROWS : M;           \
+                        T fa[BIN_CB] = {0}, fb[BIN_CB] = {0};                               \
+                        if (cw == BIN_CB) {                                                 \
+                            for (int64_t i = i0; i < i1; ++i) {                             \
+                                const T *ur = un + i * C + c0, *vr = vn + i * C + c0;       \
+                                if (pass == 0) {                                            \
+                                    _Pragma("omp simd")                                     \
+                                    for (int j = 0; j < BIN_CB; ++j) fa[j] += ur[j];        \
+                                } else if (!mu) {                                           \
+                                    _Pragma("omp simd")                                     \
+                                    for (int j = 0; j < BIN_CB; ++j) {                      \
+                                        T d = ur[j] - m[j]; fb[j] += d * d;                 \
+                                    }                                                       \
+                                } else {                                                    \
+                                    _Pragma("omp simd")                                     \
+                                    for (int j = 0; j < BIN_CB; ++j) {                      \
+                                        fa[j] += ur[j]; fb[j] += ur[j] * (vr[j] - m[j]);    \
+                                    }                                                       \
+                                }                                                           \
+                            }                                                               \
                         } else {                                                            \
-                            _Pragma("omp simd")                                             \
-                            for (int64_t c = 0; c < C; ++c) {                               \
-                                fa[c] += ur[c]; fb[c] += ur[c] * (vr[c] - m[c]);            \
+                            for (int64_t i = i0; i < i1; ++i) {                             \
+                                const T *ur = un + i * C + c0, *vr = vn + i * C + c0;       \
+                                for (int64_t j = 0; j < cw; ++j) {                          \
+                                    if (pass == 0) fa[j] += ur[j];                          \
+                                    else if (!mu) { T d = ur[j] - m[j]; fb[j] += d * d; }   \
+                                    else { fa[j] += ur[j]; fb[j] += ur[j] * (vr[j] - m[j]); } \
+                                }                                                           \
                             }                                                               \
                         }                                                                   \
+                        for (int j = 0; j < BIN_CB; ++j) { a[j] += fa[j]; b[j] += fb[j]; } \
                     }                                                                       \
-                    for (int64_t c = 0; c < C; ++c) { a[c] += fa[c]; b[c] += fb[c]; }       \
+                    if (pass == 0) /* the mean, and its rounding to T for the second pass */ \
+                        for (int j = 0; j < BIN_CB; ++j) { a[j] /= (double)M; m[j] = (T)a[j]; } \
                 }                                                                           \
-                if (pass == 0) /* the mean, and its rounding to T for the second pass */    \
-                    for (int64_t c = 0; c < C; ++c) { a[c] /= (double)M; m[c] = (T)a[c]; }  \
+                for (int64_t j = 0; j < cw; ++j) {                                          \
+                    double bj = b[j];                                                       \
+                    if (!mu) { /* exact for the rounded mean: sum (u-m)^2 - M (mean-m)^2 */ \
+                        double d = a[j] - (double)m[j]; bj -= (double)M * d * d;            \
+                        if (bj < 0.0) bj = 0.0;                                             \
+                    }                                                                       \
+                    s1[n * C + c0 + j] = a[j]; s2[n * C + c0 + j] = bj;                     \
+                }                                                                           \
             }                                                                               \
-            if (!mu) /* exact correction for the rounded mean: sum (u - m)^2 - M (mu - m)^2 */ \
-                for (int64_t c = 0; c < C; ++c) {                                           \
-                    double d = a[c] - (double)m[c]; b[c] -= (double)M * d * d;              \
-                    if (b[c] < 0.0) b[c] = 0.0;                                             \
-                }                                                                           \
         }                                                                                   \
-        free(work);                                                                         \
     }                                                                                       \
     return 0;                                                                               \
 }                                                                                           \
@@ -191,7 +209,7 @@ int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int lay
                       double eps, T *save, int nt) {                                        \
     const int64_t NC = N * C;                                                               \
     double *mi = (double *)malloc(sizeof(double) * (2 * NC + 2 * C));                       \
-    T *ab = (T *)malloc(sizeof(T) * 2 * NC);                                                \
+    T *ab = (T *)malloc(sizeof(T) * (2 * NC + 3 * C));                                      \
     if (!mi || !ab) { free(mi); free(ab); return -1; }                                      \
     double *vi = mi + NC, *mb = vi + NC, *vb = mb + C;                                      \
     if (sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, nt)) { free(mi); free(ab); return -1; } \
@@ -219,19 +237,21 @@ int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int lay
             mb[c] = (double)running_mean[c]; vb[c] = (double)running_var[c];                \
         }                                                                                   \
     }                                                                                       \
-    for (int64_t c = 0; c < C; ++c) { /* from here: vb = rho rstd_b, the batch weight */    \
-        double rb = 1.0 / sqrt(vb[c] + eps);                                                \
+    /* y = A x + B, A = a0_c + a1_c ri, B = b0_c - a1_c ri mi (per-(n, c) part in T) */    \
+    T *a0 = ab + 2 * NC, *a1 = a0 + C, *b0 = a1 + C;                                       \
+    for (int64_t c = 0; c < C; ++c) {                                                       \
+        const double rb = 1.0 / sqrt(vb[c] + eps), g = (double)gamma[c], r = (double)rho[c]; \
         save[2 * NC + c] = (T)mb[c]; save[2 * NC + C + c] = (T)rb;                          \
-        vb[c] = (double)rho[c] * rb;                                                        \
+        a1[c] = (T)(g * (1.0 - r)); b0[c] = (T)((double)beta[c] - g * r * rb * mb[c]);      \
+        a0[c] = (T)(g * r * rb);                                                            \
     }                                                                                       \
     for (int64_t n = 0; n < N; ++n) {                                                       \
+        T *sm = save + n * C, *sr = save + NC + n * C, *an = ab + n * C, *bn = ab + NC + n * C; \
+        const double *mn = mi + n * C, *vn = vi + n * C;                                    \
         _Pragma("omp simd")                                                                 \
         for (int64_t c = 0; c < C; ++c) {                                                   \
-            const int64_t k = n * C + c;                                                    \
-            const double ri = 1.0 / sqrt(vi[k] + eps), a_i = (1.0 - (double)rho[c]) * ri;   \
-            ab[k] = (T)((double)gamma[c] * (vb[c] + a_i));                                  \
-            ab[NC + k] = (T)((double)beta[c] - (double)gamma[c] * (vb[c] * mb[c] + a_i * mi[k])); \
-            save[k] = (T)mi[k]; save[NC + k] = (T)ri;                                       \
+            const T m = (T)mn[c], ri = (T)1 / SQRT((T)(vn[c] + eps)), ai = a1[c] * ri;   \
+            sm[c] = m; sr[c] = ri; an[c] = a0[c] + ai; bn[c] = b0[c] - ai * m;              \
         }                                                                                   \
     }                                                                                       \
     affine_##SFX(x, x, y, N, C, M, layout, ab, 0, ab + NC, nt);                             \
@@ -245,7 +265,7 @@ int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int6
                        int use_batch, T *grad_rho, T *grad_w, T *grad_b, int nt) {          \
     const int64_t NC = N * C;                                                               \
     double *mi = (double *)malloc(sizeof(double) * (3 * NC + 3 * C));                       \
-    T *coef = (T *)malloc(sizeof(T) * 3 * NC);                                              \
+    T *coef = (T *)malloc(sizeof(T) * (3 * NC + 4 * C));                                    \
     if (!mi || !coef) { free(mi); free(coef); return -1; }                                  \
     double *sg = mi + NC, *sc = sg + NC, *tg = sc + NC, *tb = tg + C, *ti = tb + C;         \
     for (int64_t k = 0; k < NC; ++k) mi[k] = (double)save[k];                               \
@@ -268,17 +288,23 @@ int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int6
         const double pb = -cb * (double)rb[c] * tb[c];                                      \
         tb[c] = pb; ti[c] = -cb * tg[c] - pb * (double)mb[c];                               \
     }                                                                                       \
-    if (dx) {                                                                               \
-        const double inv_m = 1.0 / (double)M;                                               \
+    if (dx) { /* A = a0_c + a1_c ri, P = -a1_c ri^3 S_c / M + P_B, Q = -a1_c ri S_g / M - P_I mi + Q_B */ \
+        T *a0 = coef + 3 * NC, *a1 = a0 + C, *pb = a1 + C, *qb = pb + C;                    \
+        for (int64_t c = 0; c < C; ++c) {                                                   \
+            const double r = (double)rho[c], gm = (double)gamma[c];                         \
+            a0[c] = (T)(gm * r * (double)rb[c]); a1[c] = (T)(gm * (1.0 - r));               \
+            pb[c] = (T)tb[c]; qb[c] = (T)ti[c];                                             \
+        }                                                                                   \
+        const T inv_m = (T)(1.0 / (double)M);                                               \
         for (int64_t n = 0; n < N; ++n) {                                                   \
+            const T *rn = ri + n * C, *mn = save + n * C;                                   \
+            const double *sgn = sg + n * C, *scn = sc + n * C;                              \
+            T *an = coef + n * C, *pn = coef + NC + n * C, *qn = coef + 2 * NC + n * C;     \
             _Pragma("omp simd")                                                             \
             for (int64_t c = 0; c < C; ++c) {                                               \
-                const int64_t k = n * C + c;                                                \
-                const double r = (double)rho[c], gm = (double)gamma[c];                     \
-                const double rik = (double)ri[k], ci = gm * (1.0 - r) * rik * inv_m;        \
-                const double pi = -ci * rik * (rik * sc[k]), qi = -ci * sg[k] - pi * mi[k]; \
-                coef[k] = (T)(gm * (r * (double)rb[c] + (1.0 - r) * rik));                  \
-                coef[NC + k] = (T)(pi + tb[c]); coef[2 * NC + k] = (T)(qi + ti[c]);         \
+                const T r = rn[c], ci = a1[c] * r * inv_m, pi = -ci * r * r * (T)scn[c];    \
+                an[c] = a0[c] + a1[c] * r; pn[c] = pi + pb[c];                              \
+                qn[c] = qb[c] - ci * (T)sgn[c] - pi * mn[c];                                \
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
@@ -287,8 +313,8 @@ int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int6
     return 0;                                                                               \
 }
 
-BIN_KERNELS(float, f32)
-BIN_KERNELS(double, f64)
+BIN_KERNELS(float, f32, sqrtf)
+BIN_KERNELS(double, f64, sqrt)
 """
 _C_TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _c_lib: ctypes.CDLL | None = None
