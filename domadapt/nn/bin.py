@@ -80,15 +80,15 @@ _C_SOURCE = r"""
 #define BIN_CB 32   /* channels_last: channels per register-resident accumulator block */
 
 #define BIN_KERNELS(T, SFX, SQRT)                                                                   \
-/* Per (n, c), mu given: s1 = sum_i u, s2 = sum_i u (v - mu);                              \
-   mu NULL: s1 = mean of u, s2 = sum_i (u - s1)^2 (two-pass). */                           \
-static int sums_##SFX(const T *u, const T *v, const double *mu, int64_t N, int64_t C,      \
-                       int64_t M, int layout, double *s1, double *s2, int nt) {             \
+/* Per (n, c). mu (a per-channel shift K) given: s1 = sum_i u, s2 = sum_i u (v - K),       \
+   s3 = sum_i (v - K); mu NULL: s1 = mean of u, s2 = sum_i (u - s1)^2 (two-pass). */       \
+static int sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C,           \
+                      int64_t M, int layout, double *s1, double *s2, double *s3, int nt) {  \
     if (layout == 0) {                                                                      \
         _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
         for (int64_t nc = 0; nc < N * C; ++nc) {                                            \
             const T *ur = u + nc * M, *vr = v + nc * M;                                     \
-            double a = 0.0, b = 0.0, m = mu ? mu[nc] : 0.0;                                 \
+            double a = 0.0, b = 0.0, e = 0.0, m = mu ? (double)mu[nc % C] : 0.0;            \
             if (!mu) {                                                                      \
                 _Pragma("omp simd reduction(+:a)")                                          \
                 for (int64_t i = 0; i < M; ++i) a += (double)ur[i];                         \
@@ -96,10 +96,12 @@ static int sums_##SFX(const T *u, const T *v, const double *mu, int64_t N, int64
                 _Pragma("omp simd reduction(+:b)")                                          \
                 for (int64_t i = 0; i < M; ++i) { double d = (double)ur[i] - m; b += d * d; } \
             } else {                                                                        \
-                _Pragma("omp simd reduction(+:a, b)")                                       \
+                _Pragma("omp simd reduction(+:a, b, e)")                                    \
                 for (int64_t i = 0; i < M; ++i) {                                           \
-                    double gi = (double)ur[i]; a += gi; b += gi * ((double)vr[i] - m);      \
+                    double gi = (double)ur[i], d = (double)vr[i] - m;                       \
+                    a += gi; b += gi * d; e += d;                                           \
                 }                                                                           \
+                s3[nc] = e;                                                                 \
             }                                                                               \
             s1[nc] = mu ? a : m; s2[nc] = b;                                                         \
         }                                                                                   \
@@ -111,15 +113,15 @@ static int sums_##SFX(const T *u, const T *v, const double *mu, int64_t N, int64
             const T *un = u + n * M * C, *vn = v + n * M * C;                               \
             for (int64_t c0 = 0; c0 < C; c0 += BIN_CB) {                                    \
                 const int64_t cw = C - c0 < BIN_CB ? C - c0 : BIN_CB;                       \
-                double a[BIN_CB], b[BIN_CB];                                                \
+                double a[BIN_CB], b[BIN_CB], e[BIN_CB];                                     \
                 T m[BIN_CB];                                                                \
                 for (int j = 0; j < BIN_CB; ++j) {                                          \
-                    a[j] = 0.0; b[j] = 0.0; m[j] = (mu && j < cw) ? (T)mu[n * C + c0 + j] : 0; \
+                    a[j] = 0.0; b[j] = 0.0; e[j] = 0.0; m[j] = (mu && j < cw) ? mu[c0 + j] : 0; \
                 }                                                                           \
                 for (int pass = mu ? 1 : 0; pass < 2; ++pass) {                             \
                     for (int64_t i0 = 0; i0 < M; i0 += BIN_ROWS) {                          \
                         const int64_t i1 = i0 + BIN_ROWS < M ? i0 + BIN_ROWS : M;           \
-                        T fa[BIN_CB] = {0}, fb[BIN_CB] = {0};                               \
+                        T fa[BIN_CB] = {0}, fb[BIN_CB] = {0}, fe[BIN_CB] = {0};             \
                         if (cw == BIN_CB) {                                                 \
                             for (int64_t i = i0; i < i1; ++i) {                             \
                                 const T *ur = un + i * C + c0, *vr = vn + i * C + c0;       \
@@ -134,7 +136,8 @@ static int sums_##SFX(const T *u, const T *v, const double *mu, int64_t N, int64
                                 } else {                                                    \
                                     _Pragma("omp simd")                                     \
                                     for (int j = 0; j < BIN_CB; ++j) {                      \
-                                        fa[j] += ur[j]; fb[j] += ur[j] * (vr[j] - m[j]);    \
+                                        T d = vr[j] - m[j];                                 \
+                                        fa[j] += ur[j]; fb[j] += ur[j] * d; fe[j] += d;     \
                                     }                                                       \
                                 }                                                           \
                             }                                                               \
@@ -144,11 +147,16 @@ static int sums_##SFX(const T *u, const T *v, const double *mu, int64_t N, int64
                                 for (int64_t j = 0; j < cw; ++j) {                          \
                                     if (pass == 0) fa[j] += ur[j];                          \
                                     else if (!mu) { T d = ur[j] - m[j]; fb[j] += d * d; }   \
-                                    else { fa[j] += ur[j]; fb[j] += ur[j] * (vr[j] - m[j]); } \
+                                    else {                                                  \
+                                        T d = vr[j] - m[j];                                 \
+                                        fa[j] += ur[j]; fb[j] += ur[j] * d; fe[j] += d;     \
+                                    }                                                       \
                                 }                                                           \
                             }                                                               \
                         }                                                                   \
-                        for (int j = 0; j < BIN_CB; ++j) { a[j] += fa[j]; b[j] += fb[j]; } \
+                        for (int j = 0; j < BIN_CB; ++j) {                                  \
+                            a[j] += fa[j]; b[j] += fb[j]; e[j] += fe[j];                    \
+                        }                                                                   \
                     }                                                                       \
                     if (pass == 0) /* the mean, and its rounding to T for the second pass */ \
                         for (int j = 0; j < BIN_CB; ++j) { a[j] /= (double)M; m[j] = (T)a[j]; } \
@@ -160,6 +168,7 @@ static int sums_##SFX(const T *u, const T *v, const double *mu, int64_t N, int64
                         if (bj < 0.0) bj = 0.0;                                             \
                     }                                                                       \
                     s1[n * C + c0 + j] = a[j]; s2[n * C + c0 + j] = bj;                     \
+                    if (mu) s3[n * C + c0 + j] = e[j];                                      \
                 }                                                                           \
             }                                                                               \
         }                                                                                   \
@@ -201,24 +210,26 @@ static void affine_##SFX(const T *u, const T *v, T *y, int64_t N, int64_t C, int
         }                                                                                   \
     }                                                                                       \
 }                                                                                           \
-/* Forward. running_*: may be NULL when use_batch and not update. save [2 N C + 2 C]: mean_i, rstd_i,       \
-   mean_b, rstd_b. Returns 0, or -1 when out of memory (nothing written). */                \
+/* Forward. running_*: may be NULL when use_batch and not update. save [N C + 3 C]: rstd_i, \
+   mean_b, rstd_b, and K = mean_n mu_i (the backward's shift). Returns 0, or -1 when out   \
+   of memory (nothing written). */                                                         \
 int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int layout,        \
                       const T *rho, const T *gamma, const T *beta, T *running_mean,          \
                       T *running_var, int use_batch, int update, double momentum,           \
                       double eps, T *save, int nt) {                                        \
     const int64_t NC = N * C;                                                               \
-    double *mi = (double *)malloc(sizeof(double) * (2 * NC + 2 * C));                       \
+    double *mi = (double *)malloc(sizeof(double) * (2 * NC + 3 * C));                       \
     T *ab = (T *)malloc(sizeof(T) * (2 * NC + 3 * C));                                      \
     if (!mi || !ab) { free(mi); free(ab); return -1; }                                      \
-    double *vi = mi + NC, *mb = vi + NC, *vb = mb + C;                                      \
-    if (sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, nt)) { free(mi); free(ab); return -1; } \
-    for (int64_t c = 0; c < C; ++c) { mb[c] = 0.0; vb[c] = 0.0; }                          \
+    double *vi = mi + NC, *mb = vi + NC, *vb = mb + C, *kb = vb + C;                        \
+    if (sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, 0, nt)) { free(mi); free(ab); return -1; } \
+    for (int64_t c = 0; c < C; ++c) { mb[c] = 0.0; vb[c] = 0.0; kb[c] = 0.0; }             \
+    for (int64_t n = 0; n < N; ++n)                                                         \
+        for (int64_t c = 0; c < C; ++c) kb[c] += mi[n * C + c];                             \
+    for (int64_t c = 0; c < C; ++c) kb[c] /= (double)N;                                     \
     for (int64_t k = 0; k < NC; ++k) vi[k] /= (double)M;                                    \
     if (use_batch) { /* law of total variance: var_b = mean_n var_i + mean_n (mu_i - mu_b)^2 */ \
-        for (int64_t n = 0; n < N; ++n)                                                     \
-            for (int64_t c = 0; c < C; ++c) mb[c] += mi[n * C + c];                         \
-        for (int64_t c = 0; c < C; ++c) mb[c] /= (double)N;                                 \
+        for (int64_t c = 0; c < C; ++c) mb[c] = kb[c];                                      \
         for (int64_t n = 0; n < N; ++n)                                                     \
             for (int64_t c = 0; c < C; ++c) {                                               \
                 double d = mi[n * C + c] - mb[c]; vb[c] += vi[n * C + c] + d * d;           \
@@ -241,17 +252,17 @@ int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int lay
     T *a0 = ab + 2 * NC, *a1 = a0 + C, *b0 = a1 + C;                                       \
     for (int64_t c = 0; c < C; ++c) {                                                       \
         const double rb = 1.0 / sqrt(vb[c] + eps), g = (double)gamma[c], r = (double)rho[c]; \
-        save[2 * NC + c] = (T)mb[c]; save[2 * NC + C + c] = (T)rb;                          \
+        save[NC + c] = (T)mb[c]; save[NC + C + c] = (T)rb; save[NC + 2 * C + c] = (T)kb[c]; \
         a1[c] = (T)(g * (1.0 - r)); b0[c] = (T)((double)beta[c] - g * r * rb * mb[c]);      \
         a0[c] = (T)(g * r * rb);                                                            \
     }                                                                                       \
     for (int64_t n = 0; n < N; ++n) {                                                       \
-        T *sm = save + n * C, *sr = save + NC + n * C, *an = ab + n * C, *bn = ab + NC + n * C; \
+        T *sr = save + n * C, *an = ab + n * C, *bn = ab + NC + n * C;                      \
         const double *mn = mi + n * C, *vn = vi + n * C;                                    \
         _Pragma("omp simd")                                                                 \
         for (int64_t c = 0; c < C; ++c) {                                                   \
             const T m = (T)mn[c], ri = (T)1 / SQRT((T)(vn[c] + eps)), ai = a1[c] * ri;   \
-            sm[c] = m; sr[c] = ri; an[c] = a0[c] + ai; bn[c] = b0[c] - ai * m;              \
+            sr[c] = ri; an[c] = a0[c] + ai; bn[c] = b0[c] - ai * m;                         \
         }                                                                                   \
     }                                                                                       \
     affine_##SFX(x, x, y, N, C, M, layout, ab, 0, ab + NC, nt);                             \
@@ -264,13 +275,20 @@ int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int6
                        int layout, const T *rho, const T *gamma, const T *save,             \
                        int use_batch, T *grad_rho, T *grad_w, T *grad_b, int nt) {          \
     const int64_t NC = N * C;                                                               \
-    double *mi = (double *)malloc(sizeof(double) * (3 * NC + 3 * C));                       \
+    double *mi = (double *)malloc(sizeof(double) * (4 * NC + 3 * C));                       \
     T *coef = (T *)malloc(sizeof(T) * (3 * NC + 4 * C));                                    \
     if (!mi || !coef) { free(mi); free(coef); return -1; }                                  \
-    double *sg = mi + NC, *sc = sg + NC, *tg = sc + NC, *tb = tg + C, *ti = tb + C;         \
-    for (int64_t k = 0; k < NC; ++k) mi[k] = (double)save[k];                               \
-    if (sums_##SFX(g, x, mi, N, C, M, layout, sg, sc, nt)) { free(mi); free(coef); return -1; } \
-    const T *mb = save + 2 * NC, *rb = mb + C, *ri = save + NC;                             \
+    double *sg = mi + NC, *sc = sg + NC, *se = sc + NC, *tg = se + NC, *tb = tg + C, *ti = tb + C; \
+    const T *ri = save, *mb = save + NC, *rb = mb + C, *kb = rb + C;                        \
+    /* one pass: S_g, sum g (x - K), sum (x - K); then mu_i = K + sum (x - K) / M and       \
+       S_c = sum g (x - K) - (mu_i - K) S_g, all in double (K is near every mu_i) */        \
+    if (sums_##SFX(g, x, kb, N, C, M, layout, sg, sc, se, nt)) { free(mi); free(coef); return -1; } \
+    for (int64_t n = 0; n < N; ++n)                                                         \
+        for (int64_t c = 0; c < C; ++c) {                                                   \
+            const int64_t k = n * C + c;                                                    \
+            const double e = se[k] / (double)M;                                             \
+            mi[k] = (double)kb[c] + e; sc[k] -= e * sg[k];                                  \
+        }                                                                                   \
     for (int64_t c = 0; c < C; ++c) { tg[c] = 0.0; tb[c] = 0.0; ti[c] = 0.0; }              \
     for (int64_t n = 0; n < N; ++n)                                                         \
         for (int64_t c = 0; c < C; ++c) { /* sum_n of S_g, d_B, d_I */                      \
@@ -297,14 +315,14 @@ int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int6
         }                                                                                   \
         const T inv_m = (T)(1.0 / (double)M);                                               \
         for (int64_t n = 0; n < N; ++n) {                                                   \
-            const T *rn = ri + n * C, *mn = save + n * C;                                   \
+            const T *rn = ri + n * C; const double *mn = mi + n * C;                        \
             const double *sgn = sg + n * C, *scn = sc + n * C;                              \
             T *an = coef + n * C, *pn = coef + NC + n * C, *qn = coef + 2 * NC + n * C;     \
             _Pragma("omp simd")                                                             \
             for (int64_t c = 0; c < C; ++c) {                                               \
                 const T r = rn[c], ci = a1[c] * r * inv_m, pi = -ci * r * r * (T)scn[c];    \
                 an[c] = a0[c] + a1[c] * r; pn[c] = pi + pb[c];                              \
-                qn[c] = qb[c] - ci * (T)sgn[c] - pi * mn[c];                                \
+                qn[c] = qb[c] - ci * (T)sgn[c] - pi * (T)mn[c];                             \
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
@@ -462,7 +480,7 @@ class _BatchInstanceNormFn(torch.autograd.Function):
                                   training, use_batch_stats, momentum, eps)
         n, c, h, w = x.shape
         out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
-        save = torch.empty(2 * n * c + 2 * c, dtype=x.dtype)  # mean_i, rstd_i, mean_b, rstd_b
+        save = torch.empty(n * c + 3 * c, dtype=x.dtype)  # rstd_i, mean_b, rstd_b, shift
         update = training and running_mean is not None and running_var is not None
         if weight is None:
             weight = torch.ones(c, dtype=x.dtype)
