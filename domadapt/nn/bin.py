@@ -12,7 +12,10 @@ The layer is fused: the per-(n, c) moments are computed once and the batch momen
 from them by the law of total variance, var_B = mean_n(var_nc) + mean_n((mu_nc - mu_B)^2),
 so the output is ONE per-(n, c) affine map y = A_nc * x + B_nc, and the hand-written
 backward needs only the per-(n, c) sums of g and g * (x - mu_nc) plus one elementwise map.
-A BIN layer thus costs about what a BN layer costs (benchmarks/bench_bin.py).
+On CPU (float32/float64, NCHW or channels_last) each direction is one call into a small C
+kernel compiled on first use (see "kernels" below; torch ops elsewhere), so a BIN layer costs
+what a BN layer costs and keeps for the backward what BN keeps plus one value per (n, c)
+(benchmarks/bench_bin.py).
 """
 
 from __future__ import annotations
@@ -453,8 +456,11 @@ class _BatchInstanceNormFn(torch.autograd.Function):
     i.e. the instance-norm backward plus the batch-norm backward, each weighted by its share
     of the gate; the c_B terms vanish when running statistics are used (eval), which are
     constants. Each direction reads the full-size tensors twice (statistics, then one affine
-    map), in C on CPU where it applies (see `_c_library_for`), in torch ops otherwise; the
-    saved tensors are x and the per-(n, c) and per-channel statistics in both. Gradients are
+    map), in C on CPU where it applies (see `_c_library_for`), in torch ops otherwise. Saved
+    for the backward: x and rstd_nc, mu_B, rstd_B and the shift K = mean_n mu_nc (C; its
+    one backward pass sums g, g (x - K) and x - K in double, whence mu_nc = K + mean(x - K)
+    and S_c = sum g (x - K) - (mu_nc - K) S_g), or x, mu_nc, rstd_nc, mu_B, rstd_B (torch).
+    Gradients are
     returned in the statistics dtype; autograd casts them to the dtype of each input. Not
     twice differentiable (`once_differentiable`).
     """
