@@ -78,7 +78,7 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     if request.param == "torch":
         monkeypatch.setattr(bin_module, "_c_library", lambda: None)
     elif bin_module._c_library() is None:
-        pytest.skip("C kernels unavailable here (no C compiler)")
+        pytest.skip("C kernels unavailable here (no C compiler, or DOMADAPT_BIN_KERNEL=torch)")
     return request.param
 
 
@@ -174,7 +174,7 @@ def test_without_compiler_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch, t
 def test_c_kernels_build_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """With a compiler, the first use builds one library into the cache; the next reuses it."""
     if bin_module._c_library() is None:
-        pytest.skip("C kernels unavailable here (no C compiler)")
+        pytest.skip("C kernels unavailable here (no C compiler, or DOMADAPT_BIN_KERNEL=torch)")
     monkeypatch.setattr(bin_module, "_c_lib", None)
     monkeypatch.setattr(bin_module, "_c_tried", False)
     monkeypatch.setenv("DOMADAPT_CACHE_DIR", str(tmp_path))
