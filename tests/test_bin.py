@@ -18,6 +18,7 @@ from domadapt.nn import (
     gate_values,
     mean_gate,
 )
+from domadapt.nn import bin as bin_module
 from domadapt.norms import convert_norm
 
 C = 5
@@ -68,15 +69,25 @@ def tols(dtype: torch.dtype) -> dict[str, float]:
     return {"rtol": 1e-9, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 2e-5}
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_matches_reference(training: bool, dtype: torch.dtype, channels_last: bool) -> None:
+@pytest.fixture(params=["c", "torch"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a CPU test through the compiled C kernels and through the pure-torch path."""
+    if request.param == "torch":
+        monkeypatch.setattr(bin_module, "_c_library", lambda: None)
+    elif bin_module._c_library() is None:
+        pytest.skip("C kernels unavailable here (no C compiler, or DOMADAPT_BIN_KERNEL=torch)")
+    return request.param
+
+
+def check_matches_reference(training: bool, dtype: torch.dtype, channels_last: bool,
+                            device: str = "cpu", kernel: str = "torch") -> None:
     """Outputs, all gradients and running statistics over several steps equal the reference."""
-    fused = random_bin(dtype).train(training)
+    fused = random_bin(dtype).to(device).train(training)
     ref = ReferenceBIN(fused).train(training)
     for step in range(3):
-        x = batch(step, dtype, channels_last).requires_grad_()
+        x = batch(step, dtype, channels_last).to(device).requires_grad_()
+        uses_c = bin_module._c_library_for(x, fused.rho, fused.weight, fused.bias) is not None
+        assert uses_c == (kernel == "c")
         x_ref = x.detach().clone().requires_grad_()
         y, y_ref = fused(x), ref(x_ref)
         torch.testing.assert_close(y, y_ref, **tols(dtype))
@@ -93,6 +104,113 @@ def test_matches_reference(training: bool, dtype: torch.dtype, channels_last: bo
     assert fused.num_batches_tracked.item() == (3 if training else 0)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_reference(training: bool, dtype: torch.dtype, channels_last: bool,
+                           kernel: str) -> None:
+    check_matches_reference(training, dtype, channels_last, "cpu", kernel)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_unusual_inputs_and_gradients(channels_last: bool, kernel: str) -> None:
+    """A non-contiguous input, an expanded gradient and a gradient laid out unlike the input
+    give what the reference gives."""
+    fused = random_bin(torch.float32).train()
+    ref = ReferenceBIN(fused).train()
+    wide = batch(0, torch.float32, channels_last, shape=(4, C, 6, 14))
+    for x, how in ((wide[..., ::2], "strided"), (batch(1, torch.float32, channels_last), "expanded"),
+                   (batch(2, torch.float32, channels_last), "other-layout")):
+        x = x.detach().requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        y, y_ref = fused(x), ref(x_ref)
+        torch.testing.assert_close(y, y_ref, **tols(torch.float32))
+        if how == "other-layout":
+            g = torch.randn(y.shape).contiguous(
+                memory_format=torch.contiguous_format if channels_last else torch.channels_last)
+            grads = torch.autograd.grad(y, [x, fused.rho], g)
+            grads_ref = torch.autograd.grad(y_ref, [x_ref, ref.rho], g)
+        else:  # expanded: stride 0 along the batch
+            g = torch.randn((1, *y.shape[1:])).expand(y.shape)
+            grads = torch.autograd.grad(y, [x, fused.rho], g)
+            grads_ref = torch.autograd.grad(y_ref, [x_ref, ref.rho], g)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, **tols(torch.float32), msg=lambda m, h=how: f"{h}: {m}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_float32_accuracy_with_large_offsets(channels_last: bool, kernel: str) -> None:
+    """Per-sample means 100x the spread (a strong style shift), float32: outputs and gradients
+    stay within 1e-4 of their scale from the float64 reference (no cancellation)."""
+    fused = random_bin(torch.float32).train()
+    ref = ReferenceBIN(copy.deepcopy(fused).double()).train()
+    g0 = torch.Generator().manual_seed(3)
+    x = torch.randn(8, C, 9, 9, generator=g0) + 100 * torch.randn(8, C, 1, 1, generator=g0)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    y, y64 = fused(x), ref(x64)
+    g = torch.randn(y.shape, generator=g0)
+    grads = torch.autograd.grad(y, [x, fused.rho, fused.weight], g)
+    grads64 = torch.autograd.grad(y64, [x64, ref.rho, ref.weight], g.double())
+    for name, a, b in zip(("y", "x", "rho", "weight"), (y, *grads), (y64, *grads64)):
+        err = (a.double() - b).abs().max().item()
+        assert err <= 1e-4 * b.abs().max().item(), (name, err)
+
+
+def test_without_compiler_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """No C compiler: no library, no error, and the layer still equals the reference."""
+    monkeypatch.setattr(bin_module, "_c_lib", None)
+    monkeypatch.setattr(bin_module, "_c_tried", False)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DOMADAPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert bin_module._c_library() is None
+    assert not (tmp_path / "cache").exists()
+    check_matches_reference(True, torch.float32, True)
+
+
+def test_c_kernels_build_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """With a compiler, the first use builds one library into the cache; the next reuses it."""
+    if bin_module._c_library() is None:
+        pytest.skip("C kernels unavailable here (no C compiler, or DOMADAPT_BIN_KERNEL=torch)")
+    monkeypatch.setattr(bin_module, "_c_lib", None)
+    monkeypatch.setattr(bin_module, "_c_tried", False)
+    monkeypatch.setenv("DOMADAPT_CACHE_DIR", str(tmp_path))
+    assert bin_module._c_library() is not None
+    (built,) = tmp_path.iterdir()
+    assert built.name.startswith("bin_kernels_") and built.suffix == ".so"
+    monkeypatch.setattr(bin_module, "_c_tried", False)
+    assert bin_module._c_library() is not None and list(tmp_path.iterdir()) == [built]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_matches_reference(training: bool, dtype: torch.dtype, channels_last: bool) -> None:
+    check_matches_reference(training, dtype, channels_last, "cuda")
+
+
+@cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_autocast_bfloat16(channels_last: bool) -> None:
+    """CUDA autocast: bf16 output in the input's layout, float32 statistics close to float32's."""
+    layer = random_bin(torch.float32).cuda()
+    ref = ReferenceBIN(layer)
+    x = batch(0, torch.float32, channels_last).cuda().to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    y.float().square().mean().backward()
+    assert torch.isfinite(x.grad).all() and layer.rho.grad.dtype == torch.float32
+    y_ref = ref(x.detach().float())
+    torch.testing.assert_close(layer.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+
+
 def rho_extreme(value: float, momentum: float | None = 0.1) -> tuple[BatchInstanceNorm2d, nn.BatchNorm2d]:
     layer = random_bin(torch.float64, momentum)
     with torch.no_grad():
@@ -104,7 +222,7 @@ def rho_extreme(value: float, momentum: float | None = 0.1) -> tuple[BatchInstan
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["ema", "cumulative"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_rho_one_is_batchnorm(training: bool, momentum: float | None) -> None:
+def test_rho_one_is_batchnorm(training: bool, momentum: float | None, kernel: str) -> None:
     layer, bn = rho_extreme(1.0, momentum)
     layer.train(training), bn.train(training)
     for step in range(3):
@@ -131,7 +249,7 @@ def test_rho_zero_is_instance_norm(training: bool) -> None:
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("mode", ["train", "eval", "no-running-stats"])
-def test_gradcheck(mode: str, channels_last: bool) -> None:
+def test_gradcheck(mode: str, channels_last: bool, kernel: str) -> None:
     layer = random_bin(torch.float64)
     x = batch(0, torch.float64, channels_last, shape=(3, C, 3, 4)).requires_grad_()
     running = mode != "no-running-stats"

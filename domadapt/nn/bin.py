@@ -12,12 +12,25 @@ The layer is fused: the per-(n, c) moments are computed once and the batch momen
 from them by the law of total variance, var_B = mean_n(var_nc) + mean_n((mu_nc - mu_B)^2),
 so the output is ONE per-(n, c) affine map y = A_nc * x + B_nc, and the hand-written
 backward needs only the per-(n, c) sums of g and g * (x - mu_nc) plus one elementwise map.
-A BIN layer thus costs about what a BN layer costs (benchmarks/bench_bin.py).
+On CPU (float32/float64, NCHW or channels_last) each direction is one call into a small C
+kernel compiled on first use (see "kernels" below; torch ops elsewhere), so a BIN layer costs
+what a BN layer costs and keeps for the backward what BN keeps plus one value per (n, c)
+(benchmarks/bench_bin.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,26 +38,378 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.batchnorm import _NormBase
 
-from domadapt.errors import UserError
-
 __all__ = [
     "GATE_HIGH",
     "GATE_LOW",
-    "NORM_KINDS",
     "BatchInstanceNorm2d",
     "batch_instance_norm",
-    "convert_norm",
     "gate_fraction_below",
     "gate_parameters",
     "gate_values",
     "mean_gate",
 ]
 
-NORM_KINDS = ("bn", "in", "bin")
 # A gate below GATE_LOW mostly instance-normalises its channel (style removed); above
 # GATE_HIGH mostly batch-normalises it (style kept). Used by run metrics and gate reports.
 GATE_LOW, GATE_HIGH = 0.1, 0.9
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- kernels
+#
+# Two implementations of the same function. The torch one (`_forward_torch`,
+# `_backward_torch`) runs on any device, dtype and memory format. On CPU, for float32 and
+# float64 inputs that are NCHW- or channels_last-contiguous, a small C/OpenMP library
+# compiled once per machine does each direction in ONE call: two passes over memory (moments,
+# affine map; gradient sums, dx) in the layout's own order, the [N, C] algebra inline. That
+# removes the ~25 small tensor ops per layer and direction that dominated the cost of small
+# layers. A CUDA kernel (e.g. Triton) would be a third pair, chosen in `_c_library_for`'s place.
+
+_C_SOURCE = r"""
+/* Fused BIN on CPU: one call per direction. Layout 0: NCHW, element (n, c, i) at
+   (n C + c) M + i; layout 1: channels_last, at (n M + i) C + c. Sums and the [N, C]
+   algebra in double; full-size passes vectorised along the layout's inner run. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BIN_ROWS 64 /* rows summed in the input precision before adding in double */
+#define BIN_CB 32   /* channels_last: channels per register-resident accumulator block */
+
+#define BIN_KERNELS(T, SFX, SQRT)                                                                   \
+/* Per (n, c). mu (a per-channel shift K) given: s1 = sum_i u, s2 = sum_i u (v - K),       \
+   s3 = sum_i (v - K); mu NULL: s1 = mean of u, s2 = sum_i (u - s1)^2 (two-pass). */       \
+static int sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C,           \
+                      int64_t M, int layout, double *s1, double *s2, double *s3, int nt) {  \
+    if (layout == 0) {                                                                      \
+        _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
+        for (int64_t nc = 0; nc < N * C; ++nc) {                                            \
+            const T *ur = u + nc * M, *vr = v + nc * M;                                     \
+            double a = 0.0, b = 0.0, e = 0.0, m = mu ? (double)mu[nc % C] : 0.0;            \
+            if (!mu) {                                                                      \
+                _Pragma("omp simd reduction(+:a)")                                          \
+                for (int64_t i = 0; i < M; ++i) a += (double)ur[i];                         \
+                m = a / (double)M;                                                          \
+                _Pragma("omp simd reduction(+:b)")                                          \
+                for (int64_t i = 0; i < M; ++i) { double d = (double)ur[i] - m; b += d * d; } \
+            } else {                                                                        \
+                _Pragma("omp simd reduction(+:a, b, e)")                                    \
+                for (int64_t i = 0; i < M; ++i) {                                           \
+                    double gi = (double)ur[i], d = (double)vr[i] - m;                       \
+                    a += gi; b += gi * d; e += d;                                           \
+                }                                                                           \
+                s3[nc] = e;                                                                 \
+            }                                                                               \
+            s1[nc] = mu ? a : m; s2[nc] = b;                                                         \
+        }                                                                                   \
+    } else {                                                                                \
+        /* Channels inner: blocks of BIN_CB channels whose accumulators (in T, over       \
+           BIN_ROWS rows at a time, then added in double) stay in registers. */             \
+        _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
+        for (int64_t n = 0; n < N; ++n) {                                                   \
+            const T *un = u + n * M * C, *vn = v + n * M * C;                               \
+            for (int64_t c0 = 0; c0 < C; c0 += BIN_CB) {                                    \
+                const int64_t cw = C - c0 < BIN_CB ? C - c0 : BIN_CB;                       \
+                double a[BIN_CB], b[BIN_CB], e[BIN_CB];                                     \
+                T m[BIN_CB];                                                                \
+                for (int j = 0; j < BIN_CB; ++j) {                                          \
+                    a[j] = 0.0; b[j] = 0.0; e[j] = 0.0; m[j] = (mu && j < cw) ? mu[c0 + j] : 0; \
+                }                                                                           \
+                for (int pass = mu ? 1 : 0; pass < 2; ++pass) {                             \
+                    for (int64_t i0 = 0; i0 < M; i0 += BIN_ROWS) {                          \
+                        const int64_t i1 = i0 + BIN_ROWS < M ? i0 + BIN_ROWS : M;           \
+                        T fa[BIN_CB] = {0}, fb[BIN_CB] = {0}, fe[BIN_CB] = {0};             \
+                        if (cw == BIN_CB) {                                                 \
+                            for (int64_t i = i0; i < i1; ++i) {                             \
+                                const T *ur = un + i * C + c0, *vr = vn + i * C + c0;       \
+                                if (pass == 0) {                                            \
+                                    _Pragma("omp simd")                                     \
+                                    for (int j = 0; j < BIN_CB; ++j) fa[j] += ur[j];        \
+                                } else if (!mu) {                                           \
+                                    _Pragma("omp simd")                                     \
+                                    for (int j = 0; j < BIN_CB; ++j) {                      \
+                                        T d = ur[j] - m[j]; fb[j] += d * d;                 \
+                                    }                                                       \
+                                } else {                                                    \
+                                    _Pragma("omp simd")                                     \
+                                    for (int j = 0; j < BIN_CB; ++j) {                      \
+                                        T d = vr[j] - m[j];                                 \
+                                        fa[j] += ur[j]; fb[j] += ur[j] * d; fe[j] += d;     \
+                                    }                                                       \
+                                }                                                           \
+                            }                                                               \
+                        } else {                                                            \
+                            for (int64_t i = i0; i < i1; ++i) {                             \
+                                const T *ur = un + i * C + c0, *vr = vn + i * C + c0;       \
+                                for (int64_t j = 0; j < cw; ++j) {                          \
+                                    if (pass == 0) fa[j] += ur[j];                          \
+                                    else if (!mu) { T d = ur[j] - m[j]; fb[j] += d * d; }   \
+                                    else {                                                  \
+                                        T d = vr[j] - m[j];                                 \
+                                        fa[j] += ur[j]; fb[j] += ur[j] * d; fe[j] += d;     \
+                                    }                                                       \
+                                }                                                           \
+                            }                                                               \
+                        }                                                                   \
+                        for (int j = 0; j < BIN_CB; ++j) {                                  \
+                            a[j] += fa[j]; b[j] += fb[j]; e[j] += fe[j];                    \
+                        }                                                                   \
+                    }                                                                       \
+                    if (pass == 0) /* the mean, and its rounding to T for the second pass */ \
+                        for (int j = 0; j < BIN_CB; ++j) { a[j] /= (double)M; m[j] = (T)a[j]; } \
+                }                                                                           \
+                for (int64_t j = 0; j < cw; ++j) {                                          \
+                    double bj = b[j];                                                       \
+                    if (!mu) { /* exact for the rounded mean: sum (u-m)^2 - M (mean-m)^2 */ \
+                        double d = a[j] - (double)m[j]; bj -= (double)M * d * d;            \
+                        if (bj < 0.0) bj = 0.0;                                             \
+                    }                                                                       \
+                    s1[n * C + c0 + j] = a[j]; s2[n * C + c0 + j] = bj;                     \
+                    if (mu) s3[n * C + c0 + j] = e[j];                                      \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    return 0;                                                                               \
+}                                                                                           \
+/* y = a u + b, or a u + p v + b when p is given (a, p, b per (n, c)) */                    \
+static void affine_##SFX(const T *u, const T *v, T *y, int64_t N, int64_t C, int64_t M,     \
+                         int layout, const T *a, const T *p, const T *b, int nt) {          \
+    if (layout == 0) {                                                                      \
+        _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
+        for (int64_t nc = 0; nc < N * C; ++nc) {                                            \
+            const T *ur = u + nc * M, *vr = v + nc * M; T *yr = y + nc * M;                 \
+            const T an = a[nc], bn = b[nc];                                                 \
+            if (p) {                                                                        \
+                const T pn = p[nc];                                                         \
+                _Pragma("omp simd")                                                         \
+                for (int64_t i = 0; i < M; ++i) yr[i] = an * ur[i] + pn * vr[i] + bn;       \
+            } else {                                                                        \
+                _Pragma("omp simd")                                                         \
+                for (int64_t i = 0; i < M; ++i) yr[i] = an * ur[i] + bn;                    \
+            }                                                                               \
+        }                                                                                   \
+    } else {                                                                                \
+        _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
+        for (int64_t n = 0; n < N; ++n) {                                                   \
+            const T *an = a + n * C, *bn = b + n * C, *pn = p ? p + n * C : 0;              \
+            for (int64_t i = 0; i < M; ++i) {                                               \
+                const int64_t o = (n * M + i) * C;                                          \
+                const T *ur = u + o, *vr = v + o; T *yr = y + o;                            \
+                if (p) {                                                                    \
+                    _Pragma("omp simd")                                                     \
+                    for (int64_t c = 0; c < C; ++c) yr[c] = an[c] * ur[c] + pn[c] * vr[c] + bn[c]; \
+                } else {                                                                    \
+                    _Pragma("omp simd")                                                     \
+                    for (int64_t c = 0; c < C; ++c) yr[c] = an[c] * ur[c] + bn[c];          \
+                }                                                                           \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+}                                                                                           \
+/* Forward. running_*: may be NULL when use_batch and not update. save [N C + 3 C]: rstd_i, \
+   mean_b, rstd_b, and K = mean_n mu_i (the backward's shift). Returns 0, or -1 when out   \
+   of memory (nothing written). */                                                         \
+int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int layout,        \
+                      const T *rho, const T *gamma, const T *beta, T *running_mean,          \
+                      T *running_var, int use_batch, int update, double momentum,           \
+                      double eps, T *save, int nt) {                                        \
+    const int64_t NC = N * C;                                                               \
+    double *mi = (double *)malloc(sizeof(double) * (2 * NC + 3 * C));                       \
+    T *ab = (T *)malloc(sizeof(T) * (2 * NC + 3 * C));                                      \
+    if (!mi || !ab) { free(mi); free(ab); return -1; }                                      \
+    double *vi = mi + NC, *mb = vi + NC, *vb = mb + C, *kb = vb + C;                        \
+    if (sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, 0, nt)) { free(mi); free(ab); return -1; } \
+    for (int64_t c = 0; c < C; ++c) { mb[c] = 0.0; vb[c] = 0.0; kb[c] = 0.0; }             \
+    for (int64_t n = 0; n < N; ++n)                                                         \
+        for (int64_t c = 0; c < C; ++c) kb[c] += mi[n * C + c];                             \
+    for (int64_t c = 0; c < C; ++c) kb[c] /= (double)N;                                     \
+    for (int64_t k = 0; k < NC; ++k) vi[k] /= (double)M;                                    \
+    if (use_batch) { /* law of total variance: var_b = mean_n var_i + mean_n (mu_i - mu_b)^2 */ \
+        for (int64_t c = 0; c < C; ++c) mb[c] = kb[c];                                      \
+        for (int64_t n = 0; n < N; ++n)                                                     \
+            for (int64_t c = 0; c < C; ++c) {                                               \
+                double d = mi[n * C + c] - mb[c]; vb[c] += vi[n * C + c] + d * d;           \
+            }                                                                               \
+        for (int64_t c = 0; c < C; ++c) vb[c] /= (double)N;                                 \
+        if (update) {                                                                       \
+            const double cnt = (double)(N * M);                                             \
+            for (int64_t c = 0; c < C; ++c) {                                               \
+                double rm = (double)running_mean[c], rv = (double)running_var[c];           \
+                running_mean[c] = (T)(rm + momentum * (mb[c] - rm));                        \
+                running_var[c] = (T)(rv + momentum * (vb[c] * cnt / (cnt - 1.0) - rv));     \
+            }                                                                               \
+        }                                                                                   \
+    } else {                                                                                \
+        for (int64_t c = 0; c < C; ++c) {                                                   \
+            mb[c] = (double)running_mean[c]; vb[c] = (double)running_var[c];                \
+        }                                                                                   \
+    }                                                                                       \
+    /* y = A x + B, A = a0_c + a1_c ri, B = b0_c - a1_c ri mi (per-(n, c) part in T) */    \
+    T *a0 = ab + 2 * NC, *a1 = a0 + C, *b0 = a1 + C;                                       \
+    for (int64_t c = 0; c < C; ++c) {                                                       \
+        const double rb = 1.0 / sqrt(vb[c] + eps), g = (double)gamma[c], r = (double)rho[c]; \
+        save[NC + c] = (T)mb[c]; save[NC + C + c] = (T)rb; save[NC + 2 * C + c] = (T)kb[c]; \
+        a1[c] = (T)(g * (1.0 - r)); b0[c] = (T)((double)beta[c] - g * r * rb * mb[c]);      \
+        a0[c] = (T)(g * r * rb);                                                            \
+    }                                                                                       \
+    for (int64_t n = 0; n < N; ++n) {                                                       \
+        T *sr = save + n * C, *an = ab + n * C, *bn = ab + NC + n * C;                      \
+        const double *mn = mi + n * C, *vn = vi + n * C;                                    \
+        _Pragma("omp simd")                                                                 \
+        for (int64_t c = 0; c < C; ++c) {                                                   \
+            const T m = (T)mn[c], ri = (T)1 / SQRT((T)(vn[c] + eps)), ai = a1[c] * ri;   \
+            sr[c] = ri; an[c] = a0[c] + ai; bn[c] = b0[c] - ai * m;                         \
+        }                                                                                   \
+    }                                                                                       \
+    affine_##SFX(x, x, y, N, C, M, layout, ab, 0, ab + NC, nt);                             \
+    free(mi); free(ab);                                                                     \
+    return 0;                                                                               \
+}                                                                                           \
+/* Backward (formulas in _BatchInstanceNormFn). dx, grad_*: NULL when not wanted.           \
+   Returns 0, or -1 when out of memory (nothing written). */                                \
+int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int64_t M,     \
+                       int layout, const T *rho, const T *gamma, const T *save,             \
+                       int use_batch, T *grad_rho, T *grad_w, T *grad_b, int nt) {          \
+    const int64_t NC = N * C;                                                               \
+    double *mi = (double *)malloc(sizeof(double) * (4 * NC + 3 * C));                       \
+    T *coef = (T *)malloc(sizeof(T) * (3 * NC + 4 * C));                                    \
+    if (!mi || !coef) { free(mi); free(coef); return -1; }                                  \
+    double *sg = mi + NC, *sc = sg + NC, *se = sc + NC, *tg = se + NC, *tb = tg + C, *ti = tb + C; \
+    const T *ri = save, *mb = save + NC, *rb = mb + C, *kb = rb + C;                        \
+    /* one pass: S_g, sum g (x - K), sum (x - K); then mu_i = K + sum (x - K) / M and       \
+       S_c = sum g (x - K) - (mu_i - K) S_g, all in double (K is near every mu_i) */        \
+    if (sums_##SFX(g, x, kb, N, C, M, layout, sg, sc, se, nt)) { free(mi); free(coef); return -1; } \
+    for (int64_t n = 0; n < N; ++n)                                                         \
+        for (int64_t c = 0; c < C; ++c) {                                                   \
+            const int64_t k = n * C + c;                                                    \
+            const double e = se[k] / (double)M;                                             \
+            mi[k] = (double)kb[c] + e; sc[k] -= e * sg[k];                                  \
+        }                                                                                   \
+    for (int64_t c = 0; c < C; ++c) { tg[c] = 0.0; tb[c] = 0.0; ti[c] = 0.0; }              \
+    for (int64_t n = 0; n < N; ++n)                                                         \
+        for (int64_t c = 0; c < C; ++c) { /* sum_n of S_g, d_B, d_I */                      \
+            const int64_t k = n * C + c;                                                    \
+            tg[c] += sg[k]; ti[c] += (double)ri[k] * sc[k];                                 \
+            tb[c] += (double)rb[c] * (sc[k] + (mi[k] - (double)mb[c]) * sg[k]);             \
+        }                                                                                   \
+    for (int64_t c = 0; c < C; ++c) {                                                       \
+        const double r = (double)rho[c], gm = (double)gamma[c];                             \
+        if (grad_rho) grad_rho[c] = (T)(gm * (tb[c] - ti[c]));                              \
+        if (grad_w) grad_w[c] = (T)(r * tb[c] + (1.0 - r) * ti[c]);                         \
+        if (grad_b) grad_b[c] = (T)tg[c];                                                   \
+        /* from here: tb = P_B, ti = Q_B */                                                 \
+        const double cb = use_batch ? gm * r * (double)rb[c] / (double)(N * M) : 0.0;       \
+        const double pb = -cb * (double)rb[c] * tb[c];                                      \
+        tb[c] = pb; ti[c] = -cb * tg[c] - pb * (double)mb[c];                               \
+    }                                                                                       \
+    if (dx) { /* A = a0_c + a1_c ri, P = -a1_c ri^3 S_c / M + P_B, Q = -a1_c ri S_g / M - P_I mi + Q_B */ \
+        T *a0 = coef + 3 * NC, *a1 = a0 + C, *pb = a1 + C, *qb = pb + C;                    \
+        for (int64_t c = 0; c < C; ++c) {                                                   \
+            const double r = (double)rho[c], gm = (double)gamma[c];                         \
+            a0[c] = (T)(gm * r * (double)rb[c]); a1[c] = (T)(gm * (1.0 - r));               \
+            pb[c] = (T)tb[c]; qb[c] = (T)ti[c];                                             \
+        }                                                                                   \
+        const T inv_m = (T)(1.0 / (double)M);                                               \
+        for (int64_t n = 0; n < N; ++n) {                                                   \
+            const T *rn = ri + n * C; const double *mn = mi + n * C;                        \
+            const double *sgn = sg + n * C, *scn = sc + n * C;                              \
+            T *an = coef + n * C, *pn = coef + NC + n * C, *qn = coef + 2 * NC + n * C;     \
+            _Pragma("omp simd")                                                             \
+            for (int64_t c = 0; c < C; ++c) {                                               \
+                const T r = rn[c], ci = a1[c] * r * inv_m, pi = -ci * r * r * (T)scn[c];    \
+                an[c] = a0[c] + a1[c] * r; pn[c] = pi + pb[c];                              \
+                qn[c] = qb[c] - ci * (T)sgn[c] - pi * (T)mn[c];                             \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    if (dx) affine_##SFX(g, x, dx, N, C, M, layout, coef, coef + NC, coef + 2 * NC, nt);    \
+    free(mi); free(coef);                                                                   \
+    return 0;                                                                               \
+}
+
+BIN_KERNELS(float, f32, sqrtf)
+BIN_KERNELS(double, f64, sqrt)
+"""
+_C_TYPES = {torch.float32: "f32", torch.float64: "f64"}
+_c_lib: ctypes.CDLL | None = None
+_c_tried = False
+
+
+def _c_library() -> ctypes.CDLL | None:
+    """The compiled C kernels, built on first use into a per-machine cache; None if impossible.
+
+    Cache: $DOMADAPT_CACHE_DIR, else $XDG_CACHE_HOME/domadapt, else ~/.cache/domadapt; the
+    file name hashes the source, compiler, flags and CPU (it is built with -march=native).
+    DOMADAPT_BIN_KERNEL=torch disables it. Any failure (no compiler, read-only cache, another
+    OS) leaves the pure-torch path, with one INFO log line.
+    """
+    global _c_lib, _c_tried
+    if _c_tried:
+        return _c_lib
+    _c_tried = True
+    if os.environ.get("DOMADAPT_BIN_KERNEL", "").lower() == "torch" or os.name != "posix":
+        return None
+    try:
+        cc = shutil.which(os.environ.get("CC", "cc"))
+        if cc is None:
+            raise OSError("no C compiler")
+        flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+        cpu = platform.machine()
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            cpu += "".join(sorted({ln for ln in f if ln.startswith(("flags", "model name"))}))
+        key = hashlib.sha256("\0".join([_C_SOURCE, cc, *flags, cpu]).encode()).hexdigest()[:16]
+        cache = os.environ.get("DOMADAPT_CACHE_DIR") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "domadapt")
+        lib = Path(cache) / f"bin_kernels_{key}.so"
+        if not lib.exists():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+                src, so = Path(tmp) / "bin_kernels.c", Path(tmp) / "bin_kernels.so"
+                src.write_text(_C_SOURCE)
+                subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], check=True,
+                               capture_output=True, timeout=120)
+                os.replace(so, lib)  # atomic: concurrent builders each install a whole file
+        _c_lib = _bind(ctypes.CDLL(str(lib)))
+    except (OSError, subprocess.SubprocessError, AttributeError) as e:
+        _log.info("BIN: C kernels unavailable (%s); using the torch path", e)
+        _c_lib = None
+    return _c_lib
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr, i32, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    for sfx in _C_TYPES.values():
+        fwd, bwd = getattr(lib, f"bin_forward_{sfx}"), getattr(lib, f"bin_backward_{sfx}")
+        fwd.argtypes = [ptr, ptr, i64, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, f64,
+                        f64, ptr, i32]
+        bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr,
+                        i32]
+        fwd.restype = bwd.restype = i32
+    return lib
+
+
+def _layout(x: Tensor) -> int | None:
+    """0: NCHW-contiguous, 1: channels_last-contiguous, None: neither."""
+    if x.is_contiguous():
+        return 0
+    return 1 if x.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def _c_library_for(x: Tensor, *others: Tensor | None) -> ctypes.CDLL | None:
+    """The C kernels if they apply: CPU, float32/float64, a dense layout, and every other
+    tensor (gate, affine, running statistics) contiguous in x's dtype."""
+    if x.device.type != "cpu" or x.dtype not in _C_TYPES or _layout(x) is None:
+        return None
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device
+                              or not t.is_contiguous()) for t in others):
+        return None
+    return _c_library()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,8 +450,14 @@ class _BatchInstanceNormFn(torch.autograd.Function):
 
     i.e. the instance-norm backward plus the batch-norm backward, each weighted by its share
     of the gate; the c_B terms vanish when running statistics are used (eval), which are
-    constants. Gradients are returned in the statistics dtype; autograd casts them to the
-    dtype of each input. Not twice differentiable (`once_differentiable`).
+    constants. Each direction reads the full-size tensors twice (statistics, then one affine
+    map), in C on CPU where it applies (see `_c_library_for`), in torch ops otherwise. Saved
+    for the backward: x and rstd_nc, mu_B, rstd_B and the shift K = mean_n mu_nc (C; its
+    one backward pass sums g, g (x - K) and x - K in double, whence mu_nc = K + mean(x - K)
+    and S_c = sum g (x - K) - (mu_nc - K) S_g), or x, mu_nc, rstd_nc, mu_B, rstd_B (torch).
+    Gradients are
+    returned in the statistics dtype; autograd casts them to the dtype of each input. Not
+    twice differentiable (`once_differentiable`).
     """
 
     @staticmethod
@@ -102,77 +473,129 @@ class _BatchInstanceNormFn(torch.autograd.Function):
         momentum: float,
         eps: float,
     ) -> Tensor:
-        n, _, h, w = x.shape
-        sd = _stats_dtype(x.dtype)
-        out = torch.empty_like(x)
-        scratch = out if sd == x.dtype else torch.empty_like(x, dtype=sd)
-        # Per-(n, c) moments, two-pass (no cancellation): mean, then mean squared deviation;
-        # the deviations go to the output buffer, which the affine map overwrites afterwards.
-        mean_i = x.mean((2, 3), dtype=sd)
-        var_i = torch.sub(x, mean_i[..., None, None], out=scratch).square_().mean((2, 3))
-        del scratch
-        rstd_i = (var_i + eps).rsqrt()
         use_batch_stats = training or running_mean is None or running_var is None
-        if use_batch_stats:
-            mean_b = mean_i.mean(0)
-            var_b = var_i.mean(0) + (mean_i - mean_b).square().mean(0)  # law of total variance
-            if training and running_mean is not None and running_var is not None:
-                count = n * h * w
-                running_mean.lerp_(mean_b.to(running_mean.dtype), momentum)
-                unbiased = var_b * (count / (count - 1))
-                running_var.lerp_(unbiased.to(running_var.dtype), momentum)
-        else:  # eval: the running statistics are constants
-            assert running_mean is not None and running_var is not None
-            mean_b, var_b = running_mean.to(sd), running_var.to(sd)
-        rstd_b = (var_b + eps).rsqrt()
-
-        rho_s = rho.to(sd)
-        gamma = weight.to(sd) if weight is not None else torch.ones_like(rstd_b)
-        beta = bias.to(sd) if bias is not None else torch.zeros_like(rstd_b)
-        a_b = rho_s * rstd_b  # [C]
-        a_i = (1 - rho_s) * rstd_i  # [N, C]
-        scale = gamma * (a_b + a_i)  # A
-        shift = beta - gamma * (a_b * mean_b + a_i * mean_i)  # B
-
         ctx.use_batch_stats = use_batch_stats
-        ctx.save_for_backward(x, rho_s, gamma, mean_i, rstd_i, mean_b, rstd_b)
-        return _affine(x, _nc11(scale, x.dtype), _nc11(shift, x.dtype), out=out)
+        lib = _c_library_for(x, rho, weight, bias, running_mean, running_var)
+        if lib is None:
+            return _forward_torch(ctx, x, rho, weight, bias, running_mean, running_var,
+                                  training, use_batch_stats, momentum, eps)
+        n, c, h, w = x.shape
+        out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+        save = torch.empty(n * c + 3 * c, dtype=x.dtype)  # rstd_i, mean_b, rstd_b, shift
+        update = training and running_mean is not None and running_var is not None
+        if weight is None:
+            weight = torch.ones(c, dtype=x.dtype)
+        if bias is None:
+            bias = torch.zeros(c, dtype=x.dtype)
+        status = getattr(lib, f"bin_forward_{_C_TYPES[x.dtype]}")(
+            x.data_ptr(), out.data_ptr(), n, c, h * w, _layout(x), rho.data_ptr(),
+            weight.data_ptr(), bias.data_ptr(), _ptr(running_mean), _ptr(running_var),
+            int(use_batch_stats), int(update), momentum, eps, save.data_ptr(),
+            torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("BatchInstanceNorm2d: out of memory in the C kernel")
+        ctx.save_for_backward(x, rho, weight, save)
+        ctx.c_path = True
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, rho, gamma, mean_i, rstd_i, mean_b, rstd_b = ctx.saved_tensors
+        if not getattr(ctx, "c_path", False):
+            return _backward_torch(ctx, g)
+        x, rho, weight, save = ctx.saved_tensors
         need_x, need_rho, need_w, need_b = ctx.needs_input_grad[:4]
-        n, _, h, w = x.shape
-        m = h * w
-        sd = rho.dtype
-        gs, xs = g.to(sd), x.to(sd)
-        # One full-size buffer: first g * (x - mu_nc), then dx.
-        buf = (xs - mean_i[..., None, None]).mul_(gs)
-        dot_c = buf.sum((2, 3))  # sum_hw g (x - mu_nc)
-        sum_g = gs.sum((2, 3))  # [N, C]
-        dot_i = rstd_i * dot_c  # sum_hw g x_I
-        dot_b = rstd_b * (dot_c + (mean_i - mean_b) * sum_g)  # sum_hw g x_B
-
-        grad_x = grad_rho = grad_w = grad_b = None
-        if need_rho:
-            grad_rho = gamma * (dot_b - dot_i).sum(0)
-        if need_w:
-            grad_w = (rho * dot_b + (1 - rho) * dot_i).sum(0)
-        if need_b:
-            grad_b = sum_g.sum(0)
-        if need_x:
-            c_i = gamma * (1 - rho) * rstd_i / m
-            p = -c_i * rstd_i * dot_i
-            q = -c_i * sum_g - p * mean_i
-            if ctx.use_batch_stats:
-                c_b = gamma * rho * rstd_b / (n * m)
-                p_b = -c_b * rstd_b * dot_b.sum(0)
-                p = p + p_b
-                q = q - c_b * sum_g.sum(0) - p_b * mean_b
-            scale = gamma * (rho * rstd_b + (1 - rho) * rstd_i)  # A, as in forward
-            grad_x = _affine(gs, _nc11(scale, sd), _nc11(q, sd), out=buf).addcmul_(xs, _nc11(p, sd))
+        n, c, h, w = x.shape
+        if g.dtype != x.dtype or g.stride() != x.stride():  # e.g. an expanded gradient
+            g = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(g)
+        grad_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype) if need_x else None
+        grad_rho, grad_w, grad_b = (torch.empty(c, dtype=x.dtype) if need else None
+                                    for need in (need_rho, need_w, need_b))
+        lib = _c_library()
+        assert lib is not None
+        status = getattr(lib, f"bin_backward_{_C_TYPES[x.dtype]}")(
+            g.data_ptr(), x.data_ptr(), _ptr(grad_x), n, c, h * w, _layout(x), rho.data_ptr(),
+            weight.data_ptr(), save.data_ptr(), int(ctx.use_batch_stats), _ptr(grad_rho),
+            _ptr(grad_w), _ptr(grad_b), torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("BatchInstanceNorm2d: out of memory in the C kernel")
         return grad_x, grad_rho, grad_w, grad_b, None, None, None, None, None
+
+
+def _forward_torch(ctx: FunctionCtx, x: Tensor, rho: Tensor, weight: Tensor | None,
+                   bias: Tensor | None, running_mean: Tensor | None,
+                   running_var: Tensor | None, training: bool, use_batch_stats: bool,
+                   momentum: float, eps: float) -> Tensor:
+    """`_BatchInstanceNormFn.forward` in torch ops (any device, dtype, memory format)."""
+    n, _, h, w = x.shape
+    sd = _stats_dtype(x.dtype)
+    out = torch.empty_like(x)
+    scratch = out if sd == x.dtype else torch.empty_like(x, dtype=sd)
+    # Per-(n, c) moments, two-pass (no cancellation): mean, then mean squared deviation;
+    # the deviations go to the output buffer, which the affine map overwrites afterwards.
+    mean_i = x.mean((2, 3), dtype=sd)
+    var_i = torch.sub(x, mean_i[..., None, None], out=scratch).square_().mean((2, 3))
+    del scratch
+    rstd_i = (var_i + eps).rsqrt()
+    if use_batch_stats:
+        mean_b = mean_i.mean(0)
+        var_b = var_i.mean(0) + (mean_i - mean_b).square().mean(0)  # law of total variance
+        if training and running_mean is not None and running_var is not None:
+            count = n * h * w
+            running_mean.lerp_(mean_b.to(running_mean.dtype), momentum)
+            unbiased = var_b * (count / (count - 1))
+            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+    else:  # eval: the running statistics are constants
+        assert running_mean is not None and running_var is not None
+        mean_b, var_b = running_mean.to(sd), running_var.to(sd)
+    rstd_b = (var_b + eps).rsqrt()
+
+    rho_s = rho.to(sd)
+    gamma = weight.to(sd) if weight is not None else torch.ones_like(rstd_b)
+    beta = bias.to(sd) if bias is not None else torch.zeros_like(rstd_b)
+    a_b = rho_s * rstd_b  # [C]
+    a_i = (1 - rho_s) * rstd_i  # [N, C]
+    scale = gamma * (a_b + a_i)  # A
+    shift = beta - gamma * (a_b * mean_b + a_i * mean_i)  # B
+
+    ctx.save_for_backward(x, rho_s, gamma, mean_i, rstd_i, mean_b, rstd_b)
+    return _affine(x, _nc11(scale, x.dtype), _nc11(shift, x.dtype), out=out)
+
+
+def _backward_torch(ctx: FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
+    """`_BatchInstanceNormFn.backward` in torch ops."""
+    x, rho, gamma, mean_i, rstd_i, mean_b, rstd_b = ctx.saved_tensors
+    need_x, need_rho, need_w, need_b = ctx.needs_input_grad[:4]
+    n, _, h, w = x.shape
+    m = h * w
+    sd = rho.dtype
+    gs, xs = g.to(sd), x.to(sd)
+    # One full-size buffer: first g * (x - mu_nc), then dx.
+    buf = (xs - mean_i[..., None, None]).mul_(gs)
+    dot_c = buf.sum((2, 3))  # sum_hw g (x - mu_nc)
+    sum_g = gs.sum((2, 3))  # [N, C]
+    dot_i = rstd_i * dot_c  # sum_hw g x_I
+    dot_b = rstd_b * (dot_c + (mean_i - mean_b) * sum_g)  # sum_hw g x_B
+
+    grad_x = grad_rho = grad_w = grad_b = None
+    if need_rho:
+        grad_rho = gamma * (dot_b - dot_i).sum(0)
+    if need_w:
+        grad_w = (rho * dot_b + (1 - rho) * dot_i).sum(0)
+    if need_b:
+        grad_b = sum_g.sum(0)
+    if need_x:
+        c_i = gamma * (1 - rho) * rstd_i / m
+        p = -c_i * rstd_i * dot_i
+        q = -c_i * sum_g - p * mean_i
+        if ctx.use_batch_stats:
+            c_b = gamma * rho * rstd_b / (n * m)
+            p_b = -c_b * rstd_b * dot_b.sum(0)
+            p = p + p_b
+            q = q - c_b * sum_g.sum(0) - p_b * mean_b
+        scale = gamma * (rho * rstd_b + (1 - rho) * rstd_i)  # A, as in forward
+        grad_x = _affine(gs, _nc11(scale, sd), _nc11(q, sd), out=buf).addcmul_(xs, _nc11(p, sd))
+    return grad_x, grad_rho, grad_w, grad_b, None, None, None, None, None
 
 
 def batch_instance_norm(
@@ -273,64 +696,6 @@ class BatchInstanceNorm2d(_NormBase):
             self.running_var if keep_running else None,
             self.weight, self.bias, use_batch, factor, self.eps,
         )
-
-
-# --------------------------------------------------------------------------- conversion
-
-_NORM_TYPES: dict[str, type[nn.Module]] = {
-    "bn": nn.BatchNorm2d,
-    "in": nn.InstanceNorm2d,
-    "bin": BatchInstanceNorm2d,
-}
-_Norm2d = (nn.BatchNorm2d, nn.InstanceNorm2d, BatchInstanceNorm2d)
-
-
-def _convert_layer(old: nn.Module, kind: str) -> nn.Module:
-    """A new `kind` layer carrying old's affine, eps, momentum, running stats, device, dtype."""
-    ref = next(iter(old.parameters()), None)
-    if ref is None:
-        ref = next(iter(old.buffers()), None)
-    factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-    # IN keeps no running statistics (it always uses each sample's own); IN -> BN/BIN starts
-    # fresh ones.
-    track = kind != "in" and (isinstance(old, nn.InstanceNorm2d) or old.track_running_stats)
-    new = _NORM_TYPES[kind](
-        old.num_features, eps=old.eps, momentum=old.momentum, affine=old.affine,
-        track_running_stats=track, **factory,
-    )
-    with torch.no_grad():
-        for name in ("weight", "bias"):
-            src, dst = getattr(old, name, None), getattr(new, name, None)
-            if src is not None and dst is not None:
-                dst.copy_(src)
-                dst.requires_grad_(src.requires_grad)
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            src, dst = getattr(old, name, None), getattr(new, name, None)
-            if src is not None and dst is not None:
-                dst.copy_(src)
-    return new.train(old.training)
-
-
-def convert_norm(model: nn.Module, kind: str) -> nn.Module:
-    """Replace, in place, every 2-d norm layer (BatchNorm2d, InstanceNorm2d, BIN) by `kind`.
-
-    kind: "bn" (nn.BatchNorm2d), "in" (nn.InstanceNorm2d, affine as the source, no running
-    statistics) or "bin" (BatchInstanceNorm2d, rho = 1). Weight, bias, running statistics,
-    num_batches_tracked, eps, momentum, device, dtype, requires_grad and train/eval mode are
-    carried over wherever both layers have them, so BN -> BIN leaves a network's outputs
-    unchanged in train and eval mode; BIN -> BN drops rho. Layers already of `kind` (or a
-    subclass) are kept, so converting twice is a no-op. Unknown kind -> UserError.
-    Returns `model`, or the new layer when `model` is itself a norm layer.
-    """
-    if kind not in NORM_KINDS:
-        raise UserError(f"unknown norm {kind!r}; choose from {', '.join(NORM_KINDS)}")
-    if isinstance(model, _Norm2d):
-        return model if isinstance(model, _NORM_TYPES[kind]) else _convert_layer(model, kind)
-    for name, child in model.named_children():
-        converted = convert_norm(child, kind)
-        if converted is not child:
-            setattr(model, name, converted)
-    return model
 
 
 # --------------------------------------------------------------------------- gates
