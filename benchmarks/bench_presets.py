@@ -162,7 +162,8 @@ def layout_step(backbone: str, size: int, channels_last: bool, batch: int
                 ) -> Callable[[], None]:
     """A BN source-only step of `backbone` on a fixed random batch (same init for both layouts)."""
     cfg = make_config(None, backbone=backbone, pretrained="none", norm="bn",
-                      method="source-only", image_size=size, resize_size=size)
+                      method="source-only", image_size=size, resize_size=size,
+                      source="a", target="b")
     torch.manual_seed(0)
     model = build_model(cfg, 10)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,15 @@ def test_infinite_loader_batches_identical_with_cache(items):
         a, b = (list(itertools.islice(loader, 6)) for loader in loaders)  # 2 epochs and a half
         for (xa, ya), (xb, yb) in zip(a, b):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_pickle_drops_the_cache(items):
+    dataset = DomainDataset(items, transforms()["train"])
+    reference = samples(dataset, seeded=True)
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert dataset.cached == len(items) and copy.cached == 0 and copy._cached_bytes == 0
+    assert_equal(samples(copy, seeded=True), reference)
+    assert copy.cached == len(items)
 
 
 def test_budget_bounds_what_is_kept(items):

@@ -5,7 +5,8 @@ transform (decode -> RGB -> the leading `Resize` / `CenterCrop` steps of a `T.Co
 uint8 HxWx3 array, up to `cache_bytes` bytes of pixels per dataset (first come, first kept).
 Only the random tail (crop, flip) and the tensor conversion run again on each access, on an
 image rebuilt with `Image.fromarray`, so a sample is bit-identical with and without the cache.
-With DataLoader workers every worker fills its own copy.
+With DataLoader workers every worker fills its own copy (a forked worker starts with what the
+parent held; pickling, as a spawned worker gets it, drops the cache).
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ class DomainDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles without the cache (a spawned worker starts empty; fork shares it as is)."""
+        return self.__dict__ | {"_cache": {}, "_cached_bytes": 0}
 
     @property
     def labels(self) -> list[int]:
