@@ -33,7 +33,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from domadapt.nn import BatchInstanceNorm2d, convert_norm
+from domadapt.nn import BatchInstanceNorm2d
+from domadapt.norms import convert_norm
 
 VARIANTS = ("bn", "bin", "naive")
 
