@@ -89,7 +89,9 @@ class RunConfig:
     checkpoint_every: int = config_field(500, "checkpoint every N iterations", SYS)
     num_workers: int = config_field(2, "data-loading processes", SYS)
     amp: bool = config_field(True, "mixed precision (CUDA only)", SYS)
-    channels_last: bool = config_field(True, "channels_last memory layout (CUDA only)", SYS)
+    channels_last: bool | None = config_field(
+        None, "channels_last memory layout (--no-channels-last: NCHW); default auto: on CUDA, "
+        "and on CPU for the backbones where it was measured faster", SYS)
     seed: int = config_field(0, "random seed")
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
     norm_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})

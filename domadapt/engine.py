@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from domadapt.backbones.base import use_channels_last
 from domadapt.config import RunConfig
 from domadapt.data import InfiniteLoader, eval_loader
 from domadapt.distributed import DistContext
@@ -220,7 +221,7 @@ class Trainer:
         self.hooks = default_hooks() if hooks is None else hooks
         self.device = ctx.device
         cuda = self.device.type == "cuda"
-        self.channels_last = cuda and cfg.channels_last
+        self.channels_last = use_channels_last(cfg.backbone, self.device.type, cfg.channels_last)
         self.amp_dtype = autocast_dtype(self.device) if cfg.amp else None
         self.norm = get_norm(cfg.norm)
 

@@ -58,7 +58,7 @@ def run(cfg: RunConfig, run_dir: Path, *, device: str = "auto",
         data = build_data(cfg)
         trainer = Trainer(cfg, data, rd, ctx, quiet=quiet)  # bad weights etc. fail here
         if ctx.is_main:
-            _write_config(cfg, data, rd, ctx)
+            _write_config(cfg, data, rd, ctx, channels_last=trainer.channels_last)
         trainer.load_checkpoint()
         trainer.fit()
         metrics = trainer.metrics()
@@ -110,12 +110,14 @@ def _check_run_dir(cfg: RunConfig, rd: RunDir) -> dict[str, Any] | None:
     return None
 
 
-def _write_config(cfg: RunConfig, data: RunData, rd: RunDir, ctx: DistContext) -> None:
+def _write_config(cfg: RunConfig, data: RunData, rd: RunDir, ctx: DistContext, *,
+                  channels_last: bool) -> None:
     """config.json: the resolved config, its key, the data and the runtime of this launch."""
     rd.write_config({
         "config": cfg.to_dict(), "key": cfg.key(), "name": cfg.name(), "data": data.info,
         "runtime": {
             "device": str(ctx.device), "world_size": ctx.world_size,
+            "memory_format": "channels_last" if channels_last else "NCHW",
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             **_hardware(ctx.device), "command": shlex.join(sys.argv),

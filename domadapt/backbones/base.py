@@ -25,11 +25,24 @@ FamilyBuilder = Callable[[str, str], tuple[nn.Module, int]]  # (name after the p
 
 BACKBONES: Registry[Builder] = Registry("backbone")
 FAMILIES: Registry[FamilyBuilder] = Registry("backbone family")
+CPU_CHANNELS_LAST: set[str] = set()  # backbones whose CPU training step is faster in NHWC
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
-def register_backbone(name: str, builder: Builder) -> Builder:
+def register_backbone(name: str, builder: Builder, *, cpu_channels_last: bool = False) -> Builder:
+    """Register `builder` under `name`; `cpu_channels_last`: its CPU training step was measured
+    faster in the channels_last layout (`benchmarks/bench_presets.py layouts`)."""
+    if cpu_channels_last:
+        CPU_CHANNELS_LAST.add(name)
     return BACKBONES.register(name, builder)
+
+
+def use_channels_last(backbone: str, device_type: str, requested: bool | None) -> bool:
+    """The memory layout of a run: `requested` if given, else channels_last on CUDA and, on
+    CPU, for the backbones registered as faster in it."""
+    if requested is not None:
+        return requested
+    return device_type == "cuda" or backbone in CPU_CHANNELS_LAST
 
 
 def register_family(prefix: str, builder: FamilyBuilder) -> FamilyBuilder:

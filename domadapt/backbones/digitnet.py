@@ -55,4 +55,5 @@ def build_digitnet(pretrained: str) -> tuple[nn.Module, int]:
     return net, net.feature_dim
 
 
-register_backbone("digitnet", build_digitnet)
+# CPU step, batch 32, 1 thread: NCHW / channels_last = 1.44-1.52 (benchmarks/README.md).
+register_backbone("digitnet", build_digitnet, cpu_channels_last=True)
