@@ -29,8 +29,9 @@ from domadapt.methods.cdan import (
     weighted_domain_loss,
 )
 from domadapt.models import DomainAdaptModel
-from domadapt.nn import domain_adversarial_loss, grl_coefficient
+from domadapt.nn import domain_adversarial_loss
 from domadapt.rundir import RunDir
+from domadapt.schedules import grl_coefficient
 from domadapt.train import run
 
 TIMING_KEYS = {"wall_seconds", "train_seconds", "images_per_second"}
@@ -133,7 +134,7 @@ def test_loss_reverses_the_discriminator_gradient_into_the_features(name):
     method = _tiny(name, adv_weight=1.0)
     x_s, y_s, x_t = _batch()
     step = Step(5, 10)
-    coeff = grl_coefficient(0.5)
+    coeff = grl_coefficient(5, 10)  # the progress form at p = 0.5
 
     out = method(x_s, y_s, x_t, step)
     assert list(out.stats) == ADVERSARIAL_STATS
