@@ -707,10 +707,11 @@ def _interval(low: float, high: float) -> str:
 
 
 def _p(p: float) -> str:
-    """A p-value for a table cell: 2 decimals, 3 below 0.01, `<0.001`, `n/a` when untested."""
+    """A p-value for a table cell: 2 decimals from 0.1, else 2 significant digits (0.049 and
+    0.051 stay apart), `<0.001`, `n/a` when untested."""
     if pd.isna(p):
         return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+    return "<0.001" if p < 0.001 else f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
 
 
 def _wilcoxon(row: dict[str, Any]) -> str:
