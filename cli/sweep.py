@@ -53,7 +53,8 @@ SWEEP_HELP = (
     "Run every (task, method, norm, seed) cell, each in OUT/runs/<name>-<config hash>.\n\n"
     "Re-running skips finished cells and resumes unfinished ones from their checkpoint; "
     "sweeps sharing OUT split the cells between them. The tables (runs.csv, summary.csv, "
-    "transfer_table.csv/.md, multidomain_table.csv/.md) are rebuilt after every finished cell."
+    "transfer_table.csv/.md, multidomain_table.csv/.md, comparison.csv/.md, "
+    "selection_table.csv/.md; each run's last evaluation) are rebuilt after every finished cell."
 )
 
 

@@ -515,7 +515,8 @@ COMPARISON_NOTE = (
     "their mean difference and a 95% confidence interval from Student's t, mean ± t_{0.975, "
     "n-1} sd / sqrt(n) (not a bootstrap; empty for one seed). Row `all`: n pairs over all "
     "tasks x seeds, their mean difference and a two-sided Wilcoxon signed-rank test (zero "
-    "differences dropped; p exact without ties up to 50 pairs, else the normal approximation). "
+    "differences dropped; p exact without ties up to 50 pairs, else the normal approximation; "
+    "multi-domain: the domains of one run share its model, so read that p as descriptive). "
     "A difference is a finding when its interval excludes 0 or p < 0.05 with the n shown; a "
     "single seed's difference is not.")
 
