@@ -40,12 +40,21 @@ Slurm = Annotated[list[str] | None, option(
     "--slurm", panel=_L,
     help="KEY=VALUE for submitit's update_parameters, e.g. slurm_partition=gpu (repeatable)")]
 
+SELECT_HELP = (
+    "which logged evaluation of each run the tables report: last (default: the final one, "
+    "metrics.json) | source (best held-out source accuracy; needs --source-val-fraction > 0) | "
+    "entropy (lowest target prediction entropy) | snd (highest soft neighborhood density) | "
+    "dev (lowest DEV risk; needs --source-val-fraction > 0) | oracle (best target accuracy: "
+    "USES TARGET LABELS, an upper bound, not a method). Rules other than last write "
+    "*_select-RULE files beside the default tables")
+
 
 SWEEP_HELP = (
     "Run every (task, method, norm, seed) cell, each in OUT/runs/<name>-<config hash>.\n\n"
     "Re-running skips finished cells and resumes unfinished ones from their checkpoint; "
     "sweeps sharing OUT split the cells between them. The tables (runs.csv, summary.csv, "
-    "transfer_table.csv/.md, multidomain_table.csv/.md) are rebuilt after every finished cell."
+    "transfer_table.csv/.md, multidomain_table.csv/.md, comparison.csv/.md, "
+    "selection_table.csv/.md; each run's last evaluation) are rebuilt after every finished cell."
 )
 
 
@@ -95,11 +104,13 @@ def register(app: typer.Typer) -> None:
                                                   show_default=False)],
         out: Annotated[Path | None, option("--out",
                                          help="where the tables go (default: SWEEP_DIR)")] = None,
+        select: Annotated[str, option("--select", help=SELECT_HELP)] = "last",
     ) -> None:
-        """Rebuild a sweep's tables from its run directories (also while it runs)."""
+        """Rebuild a sweep's tables from its run directories (also while it runs), with
+        comparison.csv/.md (paired tests over seeds) and selection_table.csv/.md."""
         from domadapt.tables import write_tables
 
-        for path in write_tables(sweep_dir, out):
+        for path in write_tables(sweep_dir, out, select=select):
             typer.echo(str(path))
 
 

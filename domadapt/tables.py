@@ -17,9 +17,29 @@ Files written into the results directory:
   baseline norm (`bn` unless the sweep has none), and a footer row `>= BN` counting the tasks
   where that norm's mean is at least the baseline's.
 - `multidomain_table.csv/.md`: rows = domains + `Avg`; one column per norm, likewise.
+- `comparison.csv/.md`: paired statistics over seeds (`domadapt.stats.all_comparisons`) for
+  every norm vs the baseline norm (within each method) and every method vs `source-only`
+  (within each norm): per task (row) n paired seeds, mean difference, 95% Student-t interval;
+  per comparison (task = `all`) the number of pairs over tasks x seeds and a two-sided
+  Wilcoxon signed-rank test (W, p, exact or normal approximation). The `>= BN` footer of the
+  display tables carries that test's p and number of pairs beside its count.
+- `selection_table.csv/.md`: for every selection rule the runs recorded
+  (`domadapt.selection`), the mean selected target accuracy per setting/method/norm and its
+  regret (oracle - rule, percentage points); from log.csv, whatever `select` is.
 
 `Avg` of a column is the mean over rows of each seed's accuracies, then mean ± std over those
 seeds; only seeds with every row finished count, so a partial column has no average.
+
+Model selection (`select`): which of a run's logged evaluations (log.csv) the tables report.
+`last` (default) reports metrics.json's numbers and writes the file names above. Any other rule
+writes `transfer_table_select-<rule>.csv/.md`, `multidomain_table_select-<rule>...`,
+`summary_select-<rule>.csv`, `comparison_select-<rule>.csv/.md` and `runs_select-<rule>.csv`
+(the evaluation chosen per run) beside them, never over them: the sweep rewrites the `last`
+tables after every cell, and the headline tables never silently become target-label-selected.
+The Markdown heading names the rule; `oracle` is labelled as using target labels. A multi-domain
+run's rule picks on `target_acc` (the domains' mean); its per-domain numbers (`acc_<domain>`)
+are that row's. A run without log.csv has no evaluations to choose from: fine for `last`, a
+UserError for the other rules (and it is left out of the selection table).
 """
 
 from __future__ import annotations
@@ -37,6 +57,8 @@ from domadapt.io import atomic_path, atomic_write_text, read_json
 from domadapt.methods import METHODS
 from domadapt.norms import NORMS
 from domadapt.rundir import RECORD, RunDir, sweep_run_dirs
+from domadapt.selection import RULES, get_rule, select_runs, selection_table
+from domadapt.stats import all_comparisons
 
 AVG = "Avg"
 BASELINE_NORM = "bn"
@@ -46,6 +68,21 @@ RUN_COLUMNS = (
 )  # + every norm's diagnostics (e.g. mean_gate) found in the runs, before wall_seconds
 ACC_COLUMNS = ("target_acc", "avg_acc")  # fractions in metrics.json, percent in tables
 STAT_COLUMNS = ("setting", "row", "method", "norm", "n_seeds", "mean", "std")
+BASELINE_METHOD = "source-only"
+ALL_PAIRS = "all"  # the `task` of a comparison's overall (tasks x seeds) row
+COMPARISON_COLUMNS = ("setting", "comparison", "within", "task", "n", "mean_diff", "ci_low",
+                      "ci_high", "n_zero", "W", "p_value", "p_method")
+SELECTION_COLUMNS = ("rule", "uses_target_labels", "setting", "method", "norm", "target_acc",
+                     "regret", "runs")
+RULE_TEXT = {  # what each rule's evaluation is, for the tables' notes
+    "last": "the last evaluation (metrics.json); no target labels used",
+    "source": "the evaluation with the highest accuracy on the held-out source split",
+    "entropy": "the evaluation with the lowest mean prediction entropy on the target",
+    "snd": "the evaluation with the highest soft neighborhood density on the target",
+    "dev": "the evaluation with the lowest deep-embedded-validation (DEV) risk",
+    "oracle": ("the evaluation with the highest target accuracy. It USES TARGET LABELS: an "
+               "upper bound on model selection, not a method, never the headline"),
+}
 
 
 @dataclass(frozen=True)
@@ -113,6 +150,7 @@ class FinishedRun:
     config: dict[str, Any]
     key: str
     metrics: dict[str, Any]
+    log: pd.DataFrame | None = None  # log.csv, one row per evaluation; None without one
 
 
 def finished_runs(run_dirs: Iterable[Path]) -> list[FinishedRun]:
@@ -122,8 +160,9 @@ def finished_runs(run_dirs: Iterable[Path]) -> list[FinishedRun]:
         if not run_dir.is_done():
             continue
         info = run_dir.read_config_dict()
+        log = run_dir.read_log() if run_dir.log_path.is_file() else None
         found.append(FinishedRun(run_dir.path, info["config"], str(info.get("key", "")),
-                                 run_dir.read_metrics()))
+                                 run_dir.read_metrics(), log))
     return found
 
 
@@ -168,7 +207,105 @@ def scores_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
         else:
             rows += [{**base, "row": d, "acc": 100.0 * a}
                      for d, a in run.metrics["domain_acc"].items()]
-    return pd.DataFrame(rows, columns=["setting", "row", "method", "norm", "seed", "acc"])
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+SCORE_COLUMNS = ["setting", "row", "method", "norm", "seed", "acc"]
+RUN_ID = ["run", "setting", "task", "method", "norm", "seed"]
+
+
+def evaluations_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
+    """Every logged evaluation of the runs that have a log.csv: the log's columns (a column
+    some log lacks is empty, NaN, in its rows) plus RUN_ID (run = the run dir, task = `Ar->Cl`
+    or `multidomain`)."""
+    parts = []
+    for run in runs:
+        if run.log is None:
+            continue
+        cfg, log = run.config, run.log
+        meta = {"run": str(run.run_dir), "setting": cfg["setting"],
+                "task": (layout.task_label(cfg["source"], cfg["target"])
+                         if cfg["setting"] == "transfer" else "multidomain"),
+                "method": cfg["method"], "norm": cfg["norm"], "seed": cfg["seed"]}
+        parts += [{**meta, **row} for row in
+                  log.drop(columns=[c for c in meta if c in log.columns]).to_dict("records")]
+    return pd.DataFrame(parts, columns=None if parts else [*RUN_ID, "iter", "target_acc"])
+
+
+def selected_scores(runs: list[FinishedRun], layout: Layout, select: str
+                    ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(scores as `scores_frame` gives them, the evaluation chosen per run) under rule
+    `select`. `last` reports metrics.json (no choice table). Another rule needs every run's
+    log.csv and its column (else UserError); a multi-domain run's per-domain accuracies are
+    the chosen row's `acc_<domain>`."""
+    rule = get_rule(select)
+    if rule.name == "last":
+        return scores_frame(runs, layout), None
+    unlogged = [run.run_dir for run in runs if run.log is None]
+    if unlogged:
+        raise UserError(f"--select {rule.name} needs each run's log.csv, which {len(unlogged)} "
+                        f"of {len(runs)} finished runs lack (e.g. {unlogged[0]}); use --select "
+                        "last")
+    evals = evaluations_frame(runs, layout)
+    if evals.empty:
+        return scores_frame(runs, layout), evals.assign(selected_by=rule.label)
+    picked = select_runs(evals, rule.name, ["run"])
+    by_dir = {str(run.run_dir): run for run in runs}
+    rows = []
+    for rec in picked.to_dict("records"):
+        base = {k: rec[k] for k in ("setting", "method", "norm", "seed")}
+        if rec["setting"] == "transfer":
+            rows.append({**base, "row": rec["task"], "acc": 100.0 * rec["target_acc"]})
+            continue
+        for domain in by_dir[rec["run"]].metrics["domain_acc"]:
+            acc = rec.get(f"acc_{domain}", math.nan)
+            if pd.isna(acc):
+                raise UserError(f"{rec['run']}/log.csv: no acc_{domain} in the evaluation at "
+                                f"iter {rec['iter']} that --select {rule.name} chose")
+            rows.append({**base, "row": domain, "acc": 100.0 * acc})
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS), picked
+
+
+def comparison_frame(scores: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+    """COMPARISON_COLUMNS, per setting (`stats.all_comparisons` over the accuracies in
+    percent, a row = a task or, multi-domain, a domain): for each comparison its per-task rows
+    (n paired seeds, mean difference, 95% t interval) in table order, then a row with task
+    `all`: n = pairs over tasks x seeds, their mean difference and Wilcoxon signed-rank test."""
+    method = (BASELINE_METHOD if BASELINE_METHOD in layout.methods or not layout.methods
+              else layout.methods[0])
+    order = {label: i for i, label in enumerate(
+        [layout.task_label(s, t) for s, t in layout.tasks] + list(layout.domains))}
+    records: list[dict[str, Any]] = []
+    for setting, *_ in TABLES:
+        frame = scores[scores["setting"] == setting].rename(columns={"row": "task",
+                                                                     "acc": "accuracy"})
+        # k/N in percent carries float noise (57.00000000000001): without it, equal
+        # differences tie and equal accuracies give a zero difference, as they should
+        frame["accuracy"] = frame["accuracy"].round(9)
+        if frame.empty:
+            continue
+        per_task, overall = all_comparisons(frame, baseline_norm=baseline_norm(layout),
+                                            baseline_method=method)
+        for ov in overall.to_dict("records"):
+            mine = per_task[(per_task["comparison"] == ov["comparison"])
+                            & (per_task["within"] == ov["within"])]
+            mine = mine.sort_values("task", key=lambda t: t.map(order), kind="stable")
+            records += [{**r, "setting": setting} for r in mine.to_dict("records")]
+            records.append({**ov, "setting": setting, "task": ALL_PAIRS, "n": ov["n_pairs"]})
+    out = pd.DataFrame(records, columns=list(COMPARISON_COLUMNS))
+    return out.round({"mean_diff": 4, "ci_low": 4, "ci_high": 4})
+
+
+def selection_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
+    """SELECTION_COLUMNS: `selection.selection_table` over the runs with a log.csv, per
+    setting/method/norm, accuracies and regrets in percent (rules some run did not record are
+    left out)."""
+    evals = evaluations_frame(runs, layout)
+    if evals.empty:
+        return pd.DataFrame(columns=list(SELECTION_COLUMNS))
+    table = selection_table(evals, ["run"], groups=("setting", "method", "norm"))
+    table[["target_acc", "regret"]] *= 100.0
+    return table[list(SELECTION_COLUMNS)].round({"target_acc": 4, "regret": 4})
 
 
 # -- aggregation --------------------------------------------------------------------------------
@@ -197,10 +334,14 @@ def aggregate(scores: pd.DataFrame, rows: list[str],
 
 
 def display_table(stats: pd.DataFrame, rows: list[str], diffs: dict[str, tuple[str, str]],
-                  index_name: str, count_row: str) -> pd.DataFrame:
+                  index_name: str, count_row: str,
+                  tests: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
     """Formatted table: "mean ± std" per column, then each diff column `name: (norm, baseline)`
     placed after its norm's column, and a `count_row` footer (e.g. `BIN >= BN`) counting the
-    rows (not Avg) where the norm's mean is at least the baseline's."""
+    rows (not Avg) where the norm's mean is at least the baseline's, with the paired test of
+    that difference beside it: `7/12 (p=0.34, n=36)` (`tests[name]`: a comparison_frame `all`
+    row: Wilcoxon p over n pairs of rows x seeds; none: n=0)."""
+    tests = tests or {}
     mean = stats.pivot(index="row", columns="column", values="mean")
     std = stats.pivot(index="row", columns="column", values="std")
     table = pd.DataFrame(index=pd.Index([*rows, AVG], name=index_name))
@@ -212,30 +353,63 @@ def display_table(stats: pd.DataFrame, rows: list[str], diffs: dict[str, tuple[s
         delta = (mean[hi] - mean[lo]).reindex([*rows, AVG])
         table.insert(table.columns.get_loc(hi) + 1, name, [*map(_signed, delta), ""])
         both = delta.reindex(rows).dropna()
-        table.at[count_row, name] = f"{int((both >= 0).sum())}/{len(both)}"
+        test = tests.get(name, {})
+        table.at[count_row, name] = (f"{int((both >= 0).sum())}/{len(both)} "
+                                     f"(p={_p(test.get('p_value', math.nan))}, "
+                                     f"n={int(test.get('n', 0))})")
     return table
 
 
-def transfer_tables(scores: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(stats, display) of the transfer setting: one column per method/norm."""
+def _tests(comparison: pd.DataFrame, names: dict[str, tuple[str, str]]
+           ) -> dict[str, dict[str, Any]]:
+    """`names`: diff column -> (comparison, within or "" for any) -> its `all` row, where one
+    row matches."""
+    overall = comparison[comparison["task"] == ALL_PAIRS]
+    out = {}
+    for name, (label, within) in names.items():
+        hit = overall[(overall["comparison"] == label)
+                      & ((overall["within"] == within) | (within == ""))]
+        if len(hit) == 1:
+            out[name] = hit.iloc[0].to_dict()
+    return out
+
+
+def transfer_tables(scores: pd.DataFrame, layout: Layout,
+                    comparison: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(stats, display) of the transfer setting: one column per method/norm; `comparison`
+    (comparison_frame, default: computed from `scores`) gives the count row its tests."""
     scores = scores[scores["setting"] == "transfer"]
+    if comparison is None:
+        comparison = comparison_frame(scores, layout)
+    comparison = comparison[comparison["setting"] == "transfer"]
     columns = {f"{m}/{n}": (m, n) for m in layout.methods for n in layout.norms}
     rows = [layout.task_label(s, t) for s, t in layout.tasks]
     stats = aggregate(scores, rows, columns)
     base = baseline_norm(layout)
-    diffs = {f"{m} {n.upper()} - {base.upper()}": (f"{m}/{n}", f"{m}/{base}")
+    pairs = {f"{m} {n.upper()} - {base.upper()}": (m, n)
              for m in layout.methods for n in _others(layout, base)}
-    return stats, display_table(stats, rows, diffs, "task", count_label(layout))
+    diffs = {name: (f"{m}/{n}", f"{m}/{base}") for name, (m, n) in pairs.items()}
+    tests = _tests(comparison, {name: (f"norm {n} - {base}", f"method={m}")
+                                for name, (m, n) in pairs.items()})
+    return stats, display_table(stats, rows, diffs, "task", count_label(layout), tests)
 
 
-def multidomain_tables(scores: pd.DataFrame, layout: Layout) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(stats, display) of the multi-domain setting: one column per norm."""
+def multidomain_tables(scores: pd.DataFrame, layout: Layout,
+                       comparison: pd.DataFrame | None = None
+                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(stats, display) of the multi-domain setting: one column per norm; the count row's
+    tests pair domains x seeds."""
     scores = scores[scores["setting"] == "multidomain"]
+    if comparison is None:
+        comparison = comparison_frame(scores, layout)
+    comparison = comparison[comparison["setting"] == "multidomain"]
     rows = list(layout.domains)
     stats = aggregate(scores, rows, {n: (None, n) for n in layout.norms})
     base = baseline_norm(layout)
     diffs = {f"{n.upper()} - {base.upper()}": (n, base) for n in _others(layout, base)}
-    return stats, display_table(stats, rows, diffs, "domain", count_label(layout))
+    tests = _tests(comparison, {name: (f"norm {n} - {base}", "")
+                                for name, (n, _) in diffs.items()})
+    return stats, display_table(stats, rows, diffs, "domain", count_label(layout), tests)
 
 
 def baseline_norm(layout: Layout) -> str:
@@ -261,12 +435,17 @@ TABLES = (  # setting, builder, title, what the numbers are
 )
 
 
-def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Rebuild every table of the sweep in `sweep_dir` into `out_dir` (default: `sweep_dir`).
+def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
+                 select: str = "last") -> list[Path]:
+    """Rebuild every table of the sweep in `sweep_dir` into `out_dir` (default: `sweep_dir`),
+    reporting per run the evaluation that rule `select` prefers (module docstring: file names).
 
     Takes the Layout and the run list from `sweep.json` when present; otherwise every run dir
-    under `sweep_dir/runs`, laid out from what finished. Returns the paths written.
+    under `sweep_dir/runs`, laid out from what finished. Everything is computed before the
+    first file is written, so a bad `select` (unknown rule, a column the runs did not record)
+    is a UserError that writes nothing. Returns the paths written.
     """
+    rule = get_rule(select)  # unknown rule: refused before anything is read
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir
     if not sweep_dir.is_dir():
@@ -286,28 +465,128 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None) -> li
             raise UserError(f"no finished runs and no {RECORD} in {sweep_dir}")
         layout = _layout_from_runs([run.config for run in runs])
 
+    scores, picked = selected_scores(runs, layout, rule.name)
+    comparison = comparison_frame(scores, layout)
+    selection = selection_frame(runs, layout)
+    sfx = "" if rule.name == "last" else f"_select-{rule.name}"
+    command = record.get("command")
+    chosen = f"Evaluation reported per run (`--select {rule.name}`): {RULE_TEXT[rule.name]}."
     written = [_write_csv(runs_frame(runs, layout, sweep_dir), out_dir / "runs.csv", index=False)]
-    scores = scores_frame(runs, layout)
+    if picked is not None:
+        written.append(_write_csv(_picked_frame(picked, rule.column, sweep_dir),
+                                  out_dir / f"runs{sfx}.csv", index=False))
     stats = []
     for setting, build, title, what in TABLES:
         if not (layout.tasks if setting == "transfer" else layout.multidomain):
             continue
-        stat, table = build(scores, layout)
+        stat, table = build(scores, layout, comparison)
         stats.append(stat.assign(setting=setting))
         base = baseline_norm(layout).upper()
         note = (f"{what.capitalize()} in percent, mean ± std over seeds (sample std; the mean "
                 f"alone for one seed). `X - {base}`: difference of means; `{count_label(layout)}`:"
-                f" rows where X's mean is at least {base}'s. `{AVG}`: over the seeds that "
-                "finished every row.")
+                f" rows where X's mean is at least {base}'s, beside it the two-sided Wilcoxon "
+                f"signed-rank p over all n paired (row, seed) differences (comparison{sfx}.md). "
+                f"`{AVG}`: over the seeds that finished every row. {chosen}")
         heading = f"{title} accuracy (%) on {layout.dataset}"
-        written.append(_write_csv(table, out_dir / f"{setting}_table.csv"))
-        written.append(_write_markdown(table, out_dir / f"{setting}_table.md", heading, note,
-                                       record.get("command")))
+        if rule.name != "last":
+            heading += f", evaluation selected by {rule.label}"
+        written.append(_write_csv(table, out_dir / f"{setting}_table{sfx}.csv"))
+        written.append(_write_markdown(table, out_dir / f"{setting}_table{sfx}.md", heading,
+                                       note, command))
     summary = (pd.concat(stats, ignore_index=True) if stats
                else pd.DataFrame(columns=list(STAT_COLUMNS)))
     summary = summary[list(STAT_COLUMNS)].round({"mean": 4, "std": 4})
-    written.append(_write_csv(summary, out_dir / "summary.csv", index=False))
+    written.append(_write_csv(summary, out_dir / f"summary{sfx}.csv", index=False))
+    written.append(_write_csv(comparison, out_dir / f"comparison{sfx}.csv", index=False))
+    written.append(_write_markdown_parts(
+        out_dir / f"comparison{sfx}.md",
+        f"Paired comparisons on {layout.dataset}, evaluation selected by {rule.label}",
+        COMPARISON_NOTE + " " + chosen, _comparison_sections(comparison), command))
+    written.append(_write_csv(selection, out_dir / "selection_table.csv", index=False))
+    written.append(_write_markdown_parts(
+        out_dir / "selection_table.md", f"Model selection on {layout.dataset}",
+        _selection_note(runs, selection), _selection_sections(selection, layout), command))
     return written
+
+
+COMPARISON_NOTE = (
+    "Paired differences a - b in percentage points: runs are paired when they share the task "
+    "(multi-domain: the domain), the seed and the `within` factor. Per task: n paired seeds, "
+    "their mean difference and a 95% confidence interval from Student's t, mean ± t_{0.975, "
+    "n-1} sd / sqrt(n) (not a bootstrap; empty for one seed). Row `all`: n pairs over all "
+    "tasks x seeds, their mean difference and a two-sided Wilcoxon signed-rank test (zero "
+    "differences dropped; p exact without ties up to 50 pairs, else the normal approximation; "
+    "multi-domain: the domains of one run share its model, so read that p as descriptive). "
+    "A difference is a finding when its interval excludes 0 or p < 0.05 with the n shown; a "
+    "single seed's difference is not.")
+
+
+def _picked_frame(picked: pd.DataFrame, column: str | None, sweep_dir: Path) -> pd.DataFrame:
+    """The chosen evaluation per run: RUN_ID, iter, target_acc (percent), the rule's column."""
+    cols = [*RUN_ID, "iter", "target_acc", *([column] if column != "target_acc" else []),
+            "selected_by"]
+    out = picked.reindex(columns=cols).rename(columns={"run": "run_dir"})
+    out["run_dir"] = [_relative(Path(d), sweep_dir) for d in out["run_dir"]]
+    out["target_acc"] = 100.0 * out["target_acc"]
+    return out
+
+
+def _comparison_sections(comparison: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """One display table per setting: comparison (within), task, n, mean diff, 95% CI, test."""
+    sections = []
+    for setting, _, title, _ in TABLES:
+        part = comparison[comparison["setting"] == setting]
+        if part.empty:
+            continue
+        table = pd.DataFrame({
+            "task": part["task"].to_numpy(),
+            "n": part["n"].astype(int).to_numpy(),
+            "mean diff": [_signed(v, 2) for v in part["mean_diff"]],
+            "95% CI (t)": [_interval(lo, hi) for lo, hi in zip(part["ci_low"], part["ci_high"],
+                                                               strict=True)],
+            "Wilcoxon signed-rank": [_wilcoxon(r) if r["task"] == ALL_PAIRS else ""
+                                     for r in part.to_dict("records")],
+        }, index=pd.Index([f"{c} ({w})" for c, w in zip(part["comparison"], part["within"],
+                                                        strict=True)], name="comparison"))
+        sections.append((title, table))
+    return sections
+
+
+def _selection_note(runs: list[FinishedRun], selection: pd.DataFrame) -> str:
+    recorded = {r.split(" ")[0] for r in selection["rule"]}
+    missing = [name for name in RULES if name not in recorded]
+    unlogged = sum(run.log is None for run in runs)
+    return " ".join(filter(None, [
+        ("Mean target accuracy (%) of the evaluation each rule selects, over the runs (tasks "
+         "x seeds) of each method/norm (multi-domain: the domains' mean); in parentheses the "
+         "regret, oracle - rule, in percentage points. The oracle picks by target accuracy: "
+         "it USES TARGET LABELS, an upper bound, never the headline."),
+        f"Not recorded by every run, so left out: {', '.join(missing)}." if missing else "",
+        f"{unlogged} finished run(s) without log.csv are not included." if unlogged else "",
+    ]))
+
+
+def _selection_sections(selection: pd.DataFrame, layout: Layout
+                        ) -> list[tuple[str, pd.DataFrame]]:
+    """Rows = rules (RULES order), columns = method/norm (multi-domain: the norm)."""
+    sections = []
+    for setting, _, title, _ in TABLES:
+        part = selection[selection["setting"] == setting]
+        if part.empty:
+            continue
+        rules = [RULES[n].label for n in RULES if RULES[n].label in set(part["rule"])]
+        methods = list(layout.methods) if setting == "transfer" else sorted(set(part["method"]))
+        table = pd.DataFrame(index=pd.Index(rules, name="rule"))
+        for m in methods:
+            for n in layout.norms:
+                cell = part[(part["method"] == m) & (part["norm"] == n)].set_index("rule")
+                if cell.empty:
+                    continue
+                label = f"{m}/{n}" if setting == "transfer" else n
+                table[label] = [f"{cell.at[r, 'target_acc']:.1f} ({cell.at[r, 'regret']:.1f})"
+                                if r in cell.index else "" for r in rules]
+        sections.append((title, table))
+    return sections
 
 
 def markdown_table(table: pd.DataFrame) -> str:
@@ -380,6 +659,19 @@ def _write_markdown(table: pd.DataFrame, path: Path, heading: str, note: str,
     return path
 
 
+def _write_markdown_parts(path: Path, heading: str, note: str,
+                          sections: list[tuple[str, pd.DataFrame]], command: str | None) -> Path:
+    parts = [f"# {heading}\n", note + "\n"]
+    for title, table in sections:
+        parts += [f"## {title}\n", markdown_table(table)]
+    if not sections:
+        parts.append("No finished runs to compare yet.\n")
+    if command:
+        parts.append(f"Produced by:\n\n```\n{command}\n```\n")
+    atomic_write_text(path, "\n".join(parts))
+    return path
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         return read_json(path)
@@ -407,8 +699,27 @@ def _mean_std(mean: float, std: float) -> str:
     return f"{mean:.1f}" if pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
 
 
-def _signed(value: float) -> str:
-    return "" if pd.isna(value) else f"{value:+.1f}"
+def _signed(value: float, digits: int = 1) -> str:
+    return "" if pd.isna(value) else f"{value:+.{digits}f}"
+
+
+def _interval(low: float, high: float) -> str:
+    return "" if pd.isna(low) else f"[{low:+.2f}, {high:+.2f}]"
+
+
+def _p(p: float) -> str:
+    """A p-value for a table cell: 2 decimals from 0.1, else 2 significant digits (0.049 and
+    0.051 stay apart), `<0.001`, `n/a` when untested."""
+    if pd.isna(p):
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
+
+
+def _wilcoxon(row: dict[str, Any]) -> str:
+    if pd.isna(row["p_value"]):
+        return f"no test ({int(row['n_zero'])} zero differences)" if row["n"] else ""
+    zeros = f", {int(row['n_zero'])} zero dropped" if row["n_zero"] else ""
+    return f"p={_p(row['p_value'])} ({row['p_method']}), W={row['W']:g}{zeros}"
 
 
 def _cell(value: Any) -> str:

@@ -103,8 +103,11 @@ def test_transfer_table_mean_std_diff_and_count(full_sweep: Path) -> None:
     # Avg: per seed the mean over tasks, then mean ± std over seeds
     assert t.at["Avg", "dann/bn"] == "54.0 ± 2.1"  # seeds: 52.5, 55.5
     assert t.at["Avg", "source-only BIN - BN"] == "+1.5"
-    assert t.at["BIN >= BN", "source-only BIN - BN"] == "1/2"
-    assert t.at["BIN >= BN", "dann BIN - BN"] == "2/2"  # a tie counts
+    # beside each count its Wilcoxon test over tasks x seeds: source-only d = (5, 5, -2, -2),
+    # tied |d|: normal approximation, W = 3, z = -2 / sqrt(7.25), p = 0.458
+    assert t.at["BIN >= BN", "source-only BIN - BN"] == "1/2 (p=0.46, n=4)"
+    # dann d = (10, 6, 0, 0): zeros dropped, exact with 2 pairs: p = 2 * 1/4
+    assert t.at["BIN >= BN", "dann BIN - BN"] == "2/2 (p=0.50, n=4)"  # a tie counts
     assert t.at["BIN >= BN", "dann/bn"] == ""
 
     summary = pd.read_csv(full_sweep / "summary.csv")
@@ -123,7 +126,8 @@ def test_multidomain_table_rows_are_domains(full_sweep: Path) -> None:
     assert t.at["Gamma", "BIN - BN"] == "-0.5"
     assert t.at["Avg", "bn"] == "80.0 ± 0.0"
     assert t.at["Avg", "bin"] == "84.8 ± 0.0"
-    assert t.at["BIN >= BN", "BIN - BN"] == "2/3"
+    # domains x seeds: d = (5, 5, 4.5, 15, 5, -5.5), W = 5, tie-corrected z = -5.5/sqrt(22.25)
+    assert t.at["BIN >= BN", "BIN - BN"] == "2/3 (p=0.24, n=6)"
 
 
 def test_runs_csv_one_row_per_run_in_percent(full_sweep: Path) -> None:
@@ -158,7 +162,7 @@ def test_partial_sweep_leaves_cells_empty(tmp_path: Path) -> None:
     assert t.at["Avg", "dann/bn"] == "50.0"  # seed 1 lacks Be->Al: only seed 0 counts
     assert t.at["Be->Al", "dann/bin"] == "" and t.at["Avg", "dann/bin"] == ""
     assert t.at["Al->Be", "dann BIN - BN"] == "+0.0"
-    assert t.at["BIN >= BN", "dann BIN - BN"] == "1/1"
+    assert t.at["BIN >= BN", "dann BIN - BN"] == "1/1 (p=1.00, n=1)"
     assert set(t["source-only/bn"]) == {""}
     m = read_table(tmp_path / "out" / "multidomain_table.csv")
     assert set(m["bn"]) == {""}  # in the grid, nothing finished
@@ -212,7 +216,8 @@ def test_tables_cli(full_sweep: Path, run_cli, tmp_path: Path) -> None:
     assert code == 0, err
     names = {Path(p).name for p in stdout.split()}
     assert names == {"runs.csv", "summary.csv", "transfer_table.csv", "transfer_table.md",
-                     "multidomain_table.csv", "multidomain_table.md"}
+                     "multidomain_table.csv", "multidomain_table.md", "comparison.csv",
+                     "comparison.md", "selection_table.csv", "selection_table.md"}
     assert all((out / n).is_file() for n in names)
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
 

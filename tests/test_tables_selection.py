@@ -1,0 +1,278 @@
+"""`domadapt tables --select`: per-run model selection, the selection table and the paired
+statistics (comparison.csv), on a sweep written by hand with known numbers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from domadapt.config import RunConfig, make_config
+from domadapt.io import atomic_write_json
+from domadapt.rundir import RunDir
+from domadapt.tables import Layout, write_tables
+
+T_975_DF2 = 4.302652729911275  # Student t quantile t_{0.975, 2}
+ORACLE = "oracle (uses target labels)"
+LAYOUT = Layout(dataset="toy", domains=("Alpha", "Beta", "Gamma"),
+                short_names={"Alpha": "Al", "Beta": "Be", "Gamma": "Ga"},
+                tasks=(("Alpha", "Beta"), ("Beta", "Alpha")), methods=("dann",),
+                norms=("bn", "bin"), multidomain=True)
+TASKS = {"Al->Be": ("Alpha", "Beta"), "Be->Al": ("Beta", "Alpha")}
+# bin - bn at the LAST evaluation, per (task, seed): known by construction, |d| all distinct
+D = {("Al->Be", 0): 1.0, ("Al->Be", 1): 2.0, ("Al->Be", 2): 3.0,
+     ("Be->Al", 0): -1.5, ("Be->Al", 1): 4.0, ("Be->Al", 2): 5.0}
+
+
+def base(task: str, seed: int) -> float:
+    """bn's last target accuracy (percent)."""
+    return 50.0 + 2 * seed + (10.0 if task == "Be->Al" else 0.0)
+
+
+def transfer_log(last: float, norm: str, holdout: bool = True) -> list[dict]:
+    """Three evaluations (iters 10, 20, 30) that each rule tells apart: source and snd prefer
+    iter 10 (last - 10), entropy and dev iter 20 (bn: last + 5, bin: last - 3), last iter 30;
+    the oracle takes iter 20 for bn and iter 30 for bin. Accuracies in percent here, fractions
+    in the file. Without `holdout`, val_source and val_dev are empty (as in the engine)."""
+    at20 = last + (5.0 if norm == "bn" else -3.0)
+    rows = []
+    for it, acc, src, ent, snd, dev in [(10, last - 10, 0.9, 0.8, 3.0, 0.7),
+                                        (20, at20, 0.8, 0.2, 2.0, 0.1),
+                                        (30, last, 0.7, 0.5, 1.0, 0.4)]:
+        rows.append({"iter": it, "cls_loss": 1.0, "source_acc": 0.9, "target_acc": acc / 100,
+                     "val_source": src if holdout else None, "val_entropy": ent,
+                     "val_snd": snd, "val_dev": dev if holdout else None, "lr": 0.01})
+    return rows
+
+
+# multi-domain (seed 0): per-domain accuracies at iters 10, 20, 30; target_acc = their mean
+MD_LOG = {
+    "bn": [(0.6, 0.7, 0.8), (0.9, 0.8, 0.7), (0.7, 0.7, 0.7)],
+    "bin": [(0.5, 0.6, 0.7), (0.95, 0.85, 0.75), (0.8, 0.8, 0.8)],
+}
+
+
+def write_run(sweep: Path, cfg: RunConfig, metrics: dict, log: list[dict] | None) -> Path:
+    run = RunDir(sweep / "runs" / f"{cfg.name()}-{cfg.key()}")
+    atomic_write_json(run.config_path, {"config": cfg.to_dict(), "key": cfg.key(),
+                                        "name": cfg.name()})
+    if log is not None:
+        run.write_log(log)
+    run.write_metrics({"wall_seconds": 1.0, "iters": cfg.iters, **metrics})
+    return run.path
+
+
+def make_sweep(sweep: Path, *, holdout: bool = True, no_log: bool = False,
+               old_log: bool = False) -> Path:
+    """2 tasks x {bn, bin} x seeds 0-2 (dann) + multi-domain bn/bin seed 0. `no_log`: one run
+    lost its log.csv (a committed record); `old_log`: one run's log predates the val_* columns."""
+    dirs = []
+    for (task, seed), d in D.items():
+        for norm in ("bn", "bin"):
+            last = base(task, seed) + (d if norm == "bin" else 0.0)
+            log = transfer_log(last, norm, holdout)
+            if old_log and (task, seed, norm) == ("Al->Be", 0, "bn"):
+                log = [{k: v for k, v in r.items() if not k.startswith("val_")} for r in log]
+            if no_log and (task, seed, norm) == ("Be->Al", 2, "bin"):
+                log = None
+            cfg = make_config(dataset="toy", setting="transfer", source=TASKS[task][0],
+                              target=TASKS[task][1], method="dann", norm=norm, seed=seed,
+                              iters=30)
+            dirs.append(write_run(sweep, cfg, {"target_acc": last / 100}, log))
+    for norm, evals in MD_LOG.items():
+        log = [{"iter": 10 * (i + 1), "target_acc": sum(acc) / 3,
+                "val_source": 0.9 - 0.1 * i if holdout else None,
+                "val_entropy": [0.8, 0.2, 0.5][i], "val_snd": 3.0 - i,
+                "val_dev": [0.7, 0.1, 0.4][i] if holdout else None,
+                **{f"acc_{d}": a for d, a in zip(LAYOUT.domains, acc, strict=True)}}
+               for i, acc in enumerate(evals)]
+        cfg = make_config(dataset="toy", setting="multidomain", method="source-only", norm=norm,
+                          seed=0, iters=30)
+        dirs.append(write_run(sweep, cfg, {"target_acc": sum(evals[-1]) / 3,
+                                           "avg_acc": sum(evals[-1]) / 3,
+                                           "domain_acc": dict(zip(LAYOUT.domains, evals[-1],
+                                                                  strict=True))}, log))
+    atomic_write_json(sweep / "sweep.json", {
+        "command": "domadapt sweep --dataset toy", "layout": LAYOUT.to_dict(),
+        "runs": [str(d.relative_to(sweep)) for d in dirs]})
+    return sweep
+
+
+def table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, index_col=0, dtype=str, keep_default_na=False)
+
+
+def mean_std(values: list[float]) -> str:
+    s = pd.Series(values)
+    return f"{s.mean():.1f} ± {s.std(ddof=1):.1f}"
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    return make_sweep(tmp_path / "sweep")
+
+
+@pytest.mark.parametrize(("rule", "bn_shift", "bin_shift"), [
+    ("last", 0.0, 0.0),        # iter 30 for both
+    ("entropy", 5.0, -3.0),    # iter 20
+    ("dev", 5.0, -3.0),        # iter 20
+    ("source", -10.0, -10.0),  # iter 10
+    ("snd", -10.0, -10.0),     # iter 10
+    ("oracle", 5.0, 0.0),      # bn: iter 20, bin: iter 30
+])
+def test_select_reports_the_chosen_evaluation(sweep: Path, rule: str, bn_shift: float,
+                                              bin_shift: float) -> None:
+    write_tables(sweep, select=rule)
+    sfx = "" if rule == "last" else f"_select-{rule}"
+    t = table(sweep / f"transfer_table{sfx}.csv")
+    for task in TASKS:
+        bn = [base(task, s) + bn_shift for s in range(3)]
+        bin_ = [base(task, s) + D[task, s] + bin_shift for s in range(3)]
+        assert t.at[task, "dann/bn"] == mean_std(bn)
+        assert t.at[task, "dann/bin"] == mean_std(bin_)
+    if rule != "last":
+        picked = pd.read_csv(sweep / f"runs{sfx}.csv")
+        assert len(picked) == 14 and set(picked["selected_by"]) == {
+            ORACLE if rule == "oracle" else rule}
+        expected = {"last": 30, "entropy": 20, "dev": 20, "source": 10, "snd": 10}
+        iters = picked.set_index(["setting", "norm"])["iter"]
+        if rule == "oracle":
+            assert set(iters.loc[("transfer", "bn")]) == {20}
+            assert set(iters.loc[("transfer", "bin")]) == {30}
+        else:
+            assert set(picked["iter"]) == {expected[rule]}
+
+
+@pytest.mark.parametrize(("rule", "row"), [("last", 2), ("oracle", 1), ("source", 0)])
+def test_multidomain_per_domain_numbers_follow_the_chosen_row(sweep: Path, rule: str,
+                                                              row: int) -> None:
+    write_tables(sweep, select=rule)
+    m = table(sweep / ("multidomain_table.csv" if rule == "last"
+                       else f"multidomain_table_select-{rule}.csv"))
+    for norm, evals in MD_LOG.items():
+        for domain, acc in zip(LAYOUT.domains, evals[row], strict=True):
+            assert m.at[domain, norm] == f"{100 * acc:.1f}"
+
+
+def test_oracle_is_labelled_and_last_files_are_left_alone(sweep: Path) -> None:
+    write_tables(sweep)
+    before = {p.name: p.read_text() for p in sweep.glob("*_table.*")}
+    written = {p.name for p in write_tables(sweep, select="oracle")}
+    assert {"transfer_table_select-oracle.md", "multidomain_table_select-oracle.csv",
+            "comparison_select-oracle.md", "summary_select-oracle.csv",
+            "runs_select-oracle.csv"} <= written
+    assert not written & set(before) - {"selection_table.csv", "selection_table.md"}
+    assert {p.name: p.read_text() for p in sweep.glob("*_table.*")} == before
+    for name in ("transfer_table_select-oracle.md", "multidomain_table_select-oracle.md",
+                 "comparison_select-oracle.md"):
+        md = (sweep / name).read_text()
+        assert md.splitlines()[0].endswith("selected by oracle (uses target labels)")
+        assert "USES TARGET LABELS" in md
+    last_md = (sweep / "transfer_table.md").read_text()
+    assert last_md.startswith("# Transfer accuracy (%) on toy\n")
+    assert "no target labels used" in last_md and "target labels)" not in last_md
+
+
+def test_selection_table_means_and_regrets(sweep: Path) -> None:
+    write_tables(sweep, select="entropy")  # the selection table does not depend on --select
+    sel = pd.read_csv(sweep / "selection_table.csv")
+    tr = sel[sel.setting == "transfer"].set_index(["rule", "norm"])
+    # mean of base over tasks x seeds = 57, of d = 13.5 / 6 = 2.25; oracle: bn 62, bin 59.25
+    expected = {  # (rule, norm): (mean target acc %, regret)
+        ("last", "bn"): (57.0, 5.0), ("last", "bin"): (59.25, 0.0),
+        ("entropy", "bn"): (62.0, 0.0), ("entropy", "bin"): (56.25, 3.0),
+        ("dev", "bin"): (56.25, 3.0), ("snd", "bn"): (47.0, 15.0),
+        ("source", "bin"): (49.25, 10.0), (ORACLE, "bn"): (62.0, 0.0),
+        (ORACLE, "bin"): (59.25, 0.0),
+    }
+    for key, (acc, regret) in expected.items():
+        assert tr.at[key, "target_acc"] == pytest.approx(acc)
+        assert tr.at[key, "regret"] == pytest.approx(regret)
+        assert tr.at[key, "runs"] == 6
+    assert tr.at[(ORACLE, "bn"), "uses_target_labels"]
+    assert not tr.at[("snd", "bn"), "uses_target_labels"]
+    md_sel = sel[sel.setting == "multidomain"].set_index(["rule", "norm"])
+    # bn: iters 10, 20, 30 have means 0.7, 0.8, 0.7; oracle 80, source 70 -> regret 10
+    assert md_sel.at[("source", "bn"), "regret"] == pytest.approx(10.0)
+    md = (sweep / "selection_table.md").read_text()
+    assert "| oracle (uses target labels) |" in md.replace("  ", " ").replace("  ", " ")
+    assert "57.0 (5.0)" in md and "USES TARGET LABELS" in md
+
+
+def test_comparison_ci_and_p_value_by_hand(sweep: Path) -> None:
+    write_tables(sweep)
+    c = pd.read_csv(sweep / "comparison.csv", keep_default_na=False, na_values=[""])
+    tr = c[(c.setting == "transfer") & (c.comparison == "norm bin - bn")].set_index("task")
+    assert list(tr.index) == ["Al->Be", "Be->Al", "all"]
+    assert set(tr.within) == {"method=dann"}
+    # Al->Be: d = (1, 2, 3): mean 2, sd 1 -> 2 -+ t_{0.975,2} / sqrt(3)
+    assert tr.at["Al->Be", "n"] == 3 and tr.at["Al->Be", "mean_diff"] == pytest.approx(2.0)
+    half = T_975_DF2 / math.sqrt(3)
+    assert tr.at["Al->Be", "ci_low"] == pytest.approx(2 - half, abs=1e-4)
+    assert tr.at["Al->Be", "ci_high"] == pytest.approx(2 + half, abs=1e-4)
+    # Be->Al: d = (-1.5, 4, 5): mean 2.5, sd = sqrt((16 + 2.25 + 6.25) / 2) = 3.5
+    half = T_975_DF2 * 3.5 / math.sqrt(3)
+    assert tr.at["Be->Al", "ci_low"] == pytest.approx(2.5 - half, abs=1e-4)
+    assert tr.at["Be->Al", "ci_high"] == pytest.approx(2.5 + half, abs=1e-4)
+    # all 6 pairs: |d| ranks 1..6, the one negative (-1.5) has rank 2: W = 2; sign patterns
+    # with a negative-rank sum <= 2: {}, {1}, {2} -> exact p = 2 * 3 / 64
+    assert tr.at["all", "n"] == 6 and tr.at["all", "W"] == 2 and tr.at["all", "n_zero"] == 0
+    assert tr.at["all", "p_value"] == pytest.approx(0.09375)
+    assert tr.at["all", "p_method"] == "exact"
+    assert tr.at["all", "mean_diff"] == pytest.approx(2.25)
+    # the count footer carries that test
+    t = table(sweep / "transfer_table.csv")
+    assert t.at["BIN >= BN", "dann BIN - BN"] == "2/2 (p=0.094, n=6)"
+    md = (sweep / "comparison.md").read_text()
+    assert "Student's t" in md and "p=0.094 (exact), W=2" in md
+    assert "[-0.48, +4.48]" in md  # 2 -+ 2.4841
+
+
+def test_comparison_follows_the_selected_rule(sweep: Path) -> None:
+    # entropy picks iter 20: bin - bn = d - 8 = (-7, -6, -5, -9.5, -4, -3), all negative,
+    # |d| distinct: W = 0, exact p = 2 / 64
+    write_tables(sweep, select="entropy")
+    c = pd.read_csv(sweep / "comparison_select-entropy.csv")
+    row = c[(c.setting == "transfer") & (c.task == "all")].iloc[0]
+    assert row["W"] == 0 and row["p_value"] == pytest.approx(2 / 64)
+    assert row["mean_diff"] == pytest.approx(2.25 - 8)
+    t = table(sweep / "transfer_table_select-entropy.csv")
+    assert t.at["BIN >= BN", "dann BIN - BN"] == "0/2 (p=0.031, n=6)"
+
+
+def test_select_cli_and_bad_input(tmp_path: Path, run_cli) -> None:
+    sweep = make_sweep(tmp_path / "s", holdout=False)  # --source-val-fraction 0: no val_source
+    code, out, err = run_cli("tables", sweep, "--select", "snd")
+    assert code == 0, err
+    assert str(sweep / "transfer_table_select-snd.md") in out.split()
+    for rule, col in (("source", "val_source"), ("dev", "val_dev")):
+        code, _, err = run_cli("tables", sweep, "--select", rule, "--out", tmp_path / rule)
+        assert code != 0 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"--select {rule} needs {col}, which these runs did not record" in err
+        assert "--source-val-fraction > 0" in err
+        assert not (tmp_path / rule).exists()  # nothing written
+    code, _, err = run_cli("tables", sweep, "--select", "best")
+    assert code != 0 and err.count("\n") == 1
+    assert "unknown --select rule 'best'; choose from last, source, entropy, snd, dev, oracle" in err
+    # the selection table leaves out what was not recorded
+    sel = pd.read_csv(sweep / "selection_table.csv")
+    assert set(sel.rule) == {"last", "entropy", "snd", ORACLE}
+    assert "left out: source, dev" in (sweep / "selection_table.md").read_text()
+
+
+def test_runs_without_log_or_with_an_old_log(tmp_path: Path, run_cli) -> None:
+    sweep = make_sweep(tmp_path / "a", no_log=True)
+    write_tables(sweep)  # last: metrics.json suffices
+    assert table(sweep / "transfer_table.csv").at["Be->Al", "dann/bin"] == mean_std(
+        [base("Be->Al", s) + D["Be->Al", s] for s in range(3)])
+    assert "1 finished run(s) without log.csv" in (sweep / "selection_table.md").read_text()
+    code, _, err = run_cli("tables", sweep, "--select", "oracle")
+    assert code != 0 and err.count("\n") == 1
+    assert "--select oracle needs each run's log.csv, which 1 of 14 finished runs lack" in err
+
+    old = make_sweep(tmp_path / "b", old_log=True)  # a missing column counts as empty
+    code, _, err = run_cli("tables", old, "--select", "entropy")
+    assert code != 0 and "needs val_entropy, which 1 of 14 runs did not record" in err
+    assert run_cli("tables", old, "--select", "oracle")[0] == 0
