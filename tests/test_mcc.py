@@ -151,6 +151,7 @@ def test_methods_listing_names_mcc_and_its_options(run_cli):
     assert code == 0, err
     sections = _sections(out)
     assert sections["mcc"] == {"--mcc-temperature", "--mcc-weight"}
-    assert sections["dann-mcc"] == {"--adv-weight", "--disc-hidden", "--mcc-temperature",
+    assert sections["dann-mcc"] == {"--adv-weight", "--disc-hidden", "--grl-schedule",
+                                    "--grl-alpha", "--grl-warmup", "--mcc-temperature",
                                     "--mcc-weight"}
     assert "default 2.5" in out
