@@ -20,9 +20,10 @@ from domadapt.config import core_fields, plugin_options
 PANEL_PLUGINS = "Method / norm options"
 
 
-def option(*names: str, help: str, panel: str = "Run", default: str | bool = False,
+def option(*names: str, help: str, panel: str = "Run", default: str | bool = True,
            **kw: Any) -> Any:
-    """A typer option in a help panel; `default` is the text shown as its default."""
+    """A typer option in a help panel; `default`: the text shown as its default (True: the
+    parameter's own default)."""
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=default, **kw)
 
 

@@ -21,17 +21,17 @@ SweepOut = Annotated[Path, option("--out",
 Root = Annotated[Path | None, option("--root", help="dataset folder (optional for styledigits)",
                                    panel=_G)]
 Tasks = Annotated[str, option("--tasks", panel=_G,
-                            help="all (default) | S:T,S:T,... (full or short domain names)")]
+                            help="all | S:T,S:T,... (full or short domain names)")]
 Methods = Annotated[str, option("--methods", panel=_G,
                               help="comma list of methods", default="source-only,dann")]
 Norms = Annotated[str, option("--norms", help="comma list of norms", panel=_G, default="bn,bin")]
-Seeds = Annotated[str, option("--seeds", help="comma list of integers (default: 0)", panel=_G)]
+Seeds = Annotated[str, option("--seeds", help="comma list of integers", panel=_G)]
 Multidomain = Annotated[bool, option("--multidomain/--no-multidomain", panel=_G,
                                    help="also one multi-domain run per norm and seed")]
 Results = Annotated[Path | None, option("--results",
                                       help="where the tables go (default: the sweep directory)")]
 Launcher = Annotated[str, option("--launcher", panel=_L,
-                               help="local (default) | submitit (one Slurm job per cell)")]
+                               help="local | submitit (one Slurm job per cell)")]
 SweepWorkers = Annotated[int | None, option(
     "--workers", panel=_L,
     help="parallel worker processes for --launcher local (default: one per GPU, else one per "
