@@ -87,11 +87,6 @@ def load_trained(run_dir: Path, device: str = "cpu", *, require_finished: bool =
     return cfg, model.to(torch.device(device)).eval()
 
 
-def read_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
-    """(RunConfig, whole config.json) of a run directory; UserError if missing or corrupt."""
-    return RunDir(run_dir).read_config()
-
-
 # -- helpers ------------------------------------------------------------------------------------
 
 def _check_run_dir(cfg: RunConfig, rd: RunDir) -> dict[str, Any] | None:
