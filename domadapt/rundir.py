@@ -119,6 +119,10 @@ class RunDir:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
         atomic_write_text(self.log_path, buf.getvalue())
 
+    def write_table(self, name: str, table: pd.DataFrame) -> None:
+        """A CSV record beside the metrics (e.g. gates.csv), written atomically."""
+        atomic_write_text(self.path / name, table.to_csv(index=False))
+
     def read_log(self) -> pd.DataFrame:
         if not self.log_path.is_file():
             raise UserError(f"{self.log_path}: no log (the run has not evaluated yet)")

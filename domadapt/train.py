@@ -63,6 +63,8 @@ def run(cfg: RunConfig, run_dir: Path, *, device: str = "auto",
         trainer.fit()
         metrics = trainer.metrics()
         if ctx.is_main:
+            for name, table in trainer.norm.records(trainer.model).items():
+                rd.write_table(name, table)
             rd.write_metrics(metrics)
         ctx.barrier()
         return metrics

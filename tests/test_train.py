@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import FOREGROUND_SIGINT, REPO
@@ -20,6 +21,7 @@ from PIL import Image
 from domadapt.config import make_config
 from domadapt.errors import UserError
 from domadapt.evaluation import predict
+from domadapt.nn import BatchInstanceNorm2d
 from domadapt.rundir import RunDir
 from domadapt.train import NonFiniteLoss, load_trained, run
 
@@ -97,7 +99,7 @@ def test_dann_bin_run_writes_the_run_directory(tree, tmp_path):
     cfg = make_config(**_options(tree))
     metrics = run(cfg, tmp_path / "r", device="cpu", quiet=True)
     files = {p.name for p in (tmp_path / "r").iterdir()}
-    assert files == {"config.json", "metrics.json", "log.csv", "checkpoint.pt"}
+    assert files == {"config.json", "metrics.json", "log.csv", "checkpoint.pt", "gates.csv"}
     assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == metrics
     for key in ("target_acc", "source_acc", "per_class_target_acc", "cls_loss", "domain_loss",
                 "disc_acc", "mean_gate", "gate_frac_below_0.1", "iters", "wall_seconds",
@@ -128,6 +130,13 @@ def test_dann_bin_run_writes_the_run_directory(tree, tmp_path):
     preds, labels = predict(model, data.evals["target"], batch_size=16, num_workers=0,
                             device=torch.device("cpu"))
     assert float((preds == labels).float().mean()) == pytest.approx(metrics["target_acc"])
+    # gates.csv: the trained gates per BIN layer, in network order; its channel-weighted mean
+    # is metrics.json's mean_gate
+    gates = pd.read_csv(tmp_path / "r" / "gates.csv")
+    layers = [n for n, m in model.named_modules() if isinstance(m, BatchInstanceNorm2d)]
+    assert gates["layer"].tolist() == layers and gates["channels"].min() > 0
+    weighted = (gates["mean"] * gates["channels"]).sum() / gates["channels"].sum()
+    assert weighted == pytest.approx(metrics["mean_gate"], abs=1e-6)
 
 
 def test_finished_run_is_not_retrained_and_other_configs_are_refused(tree, tmp_path):

@@ -75,13 +75,37 @@ _C_SOURCE = r"""
 #include <stdlib.h>
 
 #define BIN_ROWS 64 /* rows summed in the input precision before adding in double */
-#define BIN_CB 32   /* channels_last: channels per register-resident accumulator block */
+
+/* Scratch memory, kept per calling thread and grown as needed: a fresh malloc of the
+   [N, C] work arrays per call costs page faults that rival a small layer's arithmetic. */
+static __thread void *bin_scratch_mem = 0;
+static __thread size_t bin_scratch_bytes = 0;
+static void *bin_scratch(size_t bytes) {
+    if (bytes > bin_scratch_bytes) {
+        free(bin_scratch_mem);
+        bin_scratch_mem = malloc(bytes);
+        bin_scratch_bytes = bin_scratch_mem ? bytes : 0;
+    }
+    return bin_scratch_mem;
+}
+
+/* v[k] /= d for k < n; a multiply when d is a power of two (1/d is then exact, so the
+   result is the same) -- divisions dominate the [N, C] algebra of small layers. */
+static void div_by(double *v, int64_t n, int64_t d) {
+    if ((d & (d - 1)) == 0) {
+        const double r = 1.0 / (double)d;
+        for (int64_t k = 0; k < n; ++k) v[k] *= r;
+    } else {
+        for (int64_t k = 0; k < n; ++k) v[k] /= (double)d;
+    }
+}
 
 #define BIN_KERNELS(T, SFX, SQRT)                                                                   \
 /* Per (n, c). mu (a per-channel shift K) given: s1 = sum_i u, s2 = sum_i u (v - K),       \
    s3 = sum_i (v - K); mu NULL: s1 = mean of u, s2 = sum_i (u - s1)^2 (two-pass). */       \
-static int sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C,           \
-                      int64_t M, int layout, double *s1, double *s2, double *s3, int nt) {  \
+static void sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C,           \
+                      int64_t M, int layout, double *s1, double *s2, double *s3, T *tmp,    \
+                      int nt) {                                                             \
     if (layout == 0) {                                                                      \
         _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
         for (int64_t nc = 0; nc < N * C; ++nc) {                                            \
@@ -104,74 +128,68 @@ static int sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C,
             s1[nc] = mu ? a : m; s2[nc] = b;                                                         \
         }                                                                                   \
     } else {                                                                                \
-        /* Channels inner: blocks of BIN_CB channels whose accumulators (in T, over       \
-           BIN_ROWS rows at a time, then added in double) stay in registers. */             \
+        /* Channels inner: per sample, accumulators in T for the whole channel row (one     \
+           vector loop over C per spatial row) over BIN_ROWS rows at a time, then           \
+           added in double into s1, s2, s3. tmp: 4 N C values of T. */               \
         _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
         for (int64_t n = 0; n < N; ++n) {                                                   \
             const T *un = u + n * M * C, *vn = v + n * M * C;                               \
-            for (int64_t c0 = 0; c0 < C; c0 += BIN_CB) {                                    \
-                const int64_t cw = C - c0 < BIN_CB ? C - c0 : BIN_CB;                       \
-                double a[BIN_CB], b[BIN_CB], e[BIN_CB];                                     \
-                T m[BIN_CB];                                                                \
-                for (int j = 0; j < BIN_CB; ++j) {                                          \
-                    a[j] = 0.0; b[j] = 0.0; e[j] = 0.0; m[j] = (mu && j < cw) ? mu[c0 + j] : 0; \
-                }                                                                           \
-                for (int pass = mu ? 1 : 0; pass < 2; ++pass) {                             \
-                    for (int64_t i0 = 0; i0 < M; i0 += BIN_ROWS) {                          \
-                        const int64_t i1 = i0 + BIN_ROWS < M ? i0 + BIN_ROWS : M;           \
-                        T fa[BIN_CB] = {0}, fb[BIN_CB] = {0}, fe[BIN_CB] = {0};             \
-                        if (cw == BIN_CB) {                                                 \
-                            for (int64_t i = i0; i < i1; ++i) {                             \
-                                const T *ur = un + i * C + c0, *vr = vn + i * C + c0;       \
-                                if (pass == 0) {                                            \
-                                    _Pragma("omp simd")                                     \
-                                    for (int j = 0; j < BIN_CB; ++j) fa[j] += ur[j];        \
-                                } else if (!mu) {                                           \
-                                    _Pragma("omp simd")                                     \
-                                    for (int j = 0; j < BIN_CB; ++j) {                      \
-                                        T d = ur[j] - m[j]; fb[j] += d * d;                 \
-                                    }                                                       \
-                                } else {                                                    \
-                                    _Pragma("omp simd")                                     \
-                                    for (int j = 0; j < BIN_CB; ++j) {                      \
-                                        T d = vr[j] - m[j];                                 \
-                                        fa[j] += ur[j]; fb[j] += ur[j] * d; fe[j] += d;     \
-                                    }                                                       \
-                                }                                                           \
+            double *a = s1 + n * C, *b = s2 + n * C, *e = mu ? s3 + n * C : 0;              \
+            T *fa = tmp + 4 * n * C, *fb = fa + C, *fe = fb + C, *m = fe + C;               \
+            for (int64_t c = 0; c < C; ++c) {                                               \
+                a[c] = 0.0; b[c] = 0.0; if (mu) { e[c] = 0.0; m[c] = mu[c]; }               \
+            }                                                                               \
+            for (int pass = mu ? 1 : 0; pass < 2; ++pass) {                                 \
+                for (int64_t i0 = 0; i0 < M; i0 += BIN_ROWS) {                              \
+                    const int64_t i1 = i0 + BIN_ROWS < M ? i0 + BIN_ROWS : M;               \
+                    /* first row initialises the accumulators (x, not 0 + x: same value) */ \
+                    for (int64_t i = i0; i < i1; ++i) {                                     \
+                        const T *ur = un + i * C, *vr = vn + i * C;                         \
+                        if (pass == 0 && i == i0) {                                         \
+                            _Pragma("omp simd")                                             \
+                            for (int64_t c = 0; c < C; ++c) fa[c] = ur[c];                  \
+                        } else if (pass == 0) {                                             \
+                            _Pragma("omp simd")                                             \
+                            for (int64_t c = 0; c < C; ++c) fa[c] += ur[c];                 \
+                        } else if (!mu) {                                                   \
+                            const int first = i == i0;                                      \
+                            _Pragma("omp simd")                                             \
+                            for (int64_t c = 0; c < C; ++c) {                               \
+                                T d = ur[c] - m[c]; fb[c] = first ? d * d : fb[c] + d * d;  \
+                            }                                                               \
+                        } else if (i == i0) {                                               \
+                            _Pragma("omp simd")                                             \
+                            for (int64_t c = 0; c < C; ++c) {                               \
+                                T d = vr[c] - m[c]; fa[c] = ur[c]; fb[c] = ur[c] * d; fe[c] = d;\
                             }                                                               \
                         } else {                                                            \
-                            for (int64_t i = i0; i < i1; ++i) {                             \
-                                const T *ur = un + i * C + c0, *vr = vn + i * C + c0;       \
-                                for (int64_t j = 0; j < cw; ++j) {                          \
-                                    if (pass == 0) fa[j] += ur[j];                          \
-                                    else if (!mu) { T d = ur[j] - m[j]; fb[j] += d * d; }   \
-                                    else {                                                  \
-                                        T d = vr[j] - m[j];                                 \
-                                        fa[j] += ur[j]; fb[j] += ur[j] * d; fe[j] += d;     \
-                                    }                                                       \
-                                }                                                           \
+                            _Pragma("omp simd")                                             \
+                            for (int64_t c = 0; c < C; ++c) {                               \
+                                T d = vr[c] - m[c];                                         \
+                                fa[c] += ur[c]; fb[c] += ur[c] * d; fe[c] += d;             \
                             }                                                               \
                         }                                                                   \
-                        for (int j = 0; j < BIN_CB; ++j) {                                  \
-                            a[j] += fa[j]; b[j] += fb[j]; e[j] += fe[j];                    \
+                    }                                                                       \
+                    if (pass == 0) {                                                        \
+                        for (int64_t c = 0; c < C; ++c) a[c] += fa[c];                      \
+                    } else if (!mu) {                                                       \
+                        for (int64_t c = 0; c < C; ++c) b[c] += fb[c];                      \
+                    } else {                                                                \
+                        for (int64_t c = 0; c < C; ++c) {                                   \
+                            a[c] += fa[c]; b[c] += fb[c]; e[c] += fe[c];                    \
                         }                                                                   \
                     }                                                                       \
-                    if (pass == 0) /* the mean, and its rounding to T for the second pass */ \
-                        for (int j = 0; j < BIN_CB; ++j) { a[j] /= (double)M; m[j] = (T)a[j]; } \
                 }                                                                           \
-                for (int64_t j = 0; j < cw; ++j) {                                          \
-                    double bj = b[j];                                                       \
-                    if (!mu) { /* exact for the rounded mean: sum (u-m)^2 - M (mean-m)^2 */ \
-                        double d = a[j] - (double)m[j]; bj -= (double)M * d * d;            \
-                        if (bj < 0.0) bj = 0.0;                                             \
-                    }                                                                       \
-                    s1[n * C + c0 + j] = a[j]; s2[n * C + c0 + j] = bj;                     \
-                    if (mu) s3[n * C + c0 + j] = e[j];                                      \
-                }                                                                           \
+                if (pass == 0) /* the mean, and its rounding to T for the second pass */    \
+                    { div_by(a, C, M); for (int64_t c = 0; c < C; ++c) m[c] = (T)a[c]; }    \
             }                                                                               \
+            if (!mu) /* exact for the rounded mean: sum (u-m)^2 - M (mean-m)^2 */           \
+                for (int64_t c = 0; c < C; ++c) {                                           \
+                    double d = a[c] - (double)m[c], bc = b[c] - (double)M * d * d;          \
+                    b[c] = bc < 0.0 ? 0.0 : bc;                                             \
+                }                                                                           \
         }                                                                                   \
     }                                                                                       \
-    return 0;                                                                               \
 }                                                                                           \
 /* y = a u + b, or a u + p v + b when p is given (a, p, b per (n, c)) */                    \
 static void affine_##SFX(const T *u, const T *v, T *y, int64_t N, int64_t C, int64_t M,     \
@@ -216,20 +234,21 @@ int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int lay
                       T *running_var, int use_batch, int update, double momentum,           \
                       double eps, T *save, int nt) {                                        \
     const int64_t NC = N * C;                                                               \
-    double *mi = (double *)malloc(sizeof(double) * (2 * NC + 3 * C));                       \
-    T *ab = (T *)malloc(sizeof(T) * (2 * NC + 3 * C));                                      \
-    if (!mi || !ab) { free(mi); free(ab); return -1; }                                      \
+    double *mi = (double *)bin_scratch(sizeof(double) * (2 * NC + 3 * C)                    \
+                                       + sizeof(T) * (6 * NC + 3 * C));                     \
+    if (!mi) return -1;                                                                     \
+    T *ab = (T *)(mi + 2 * NC + 3 * C), *tmp = ab + 2 * NC + 3 * C;                         \
     double *vi = mi + NC, *mb = vi + NC, *vb = mb + C, *kb = vb + C;                        \
-    if (sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, 0, nt)) { free(mi); free(ab); return -1; } \
+    sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, 0, tmp, nt);                               \
     for (int64_t c = 0; c < C; ++c) { mb[c] = 0.0; vb[c] = 0.0; kb[c] = 0.0; }             \
-    for (int64_t n = 0; n < N; ++n)                                                         \
-        for (int64_t c = 0; c < C; ++c) kb[c] += mi[n * C + c];                             \
+    for (int64_t n = 0; n < N; ++n) /* inner loops over c: independent per c, vectorised */ \
+        _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) kb[c] += mi[n * C + c];         \
     for (int64_t c = 0; c < C; ++c) kb[c] /= (double)N;                                     \
-    for (int64_t k = 0; k < NC; ++k) vi[k] /= (double)M;                                    \
+    div_by(vi, NC, M);                                                                      \
     if (use_batch) { /* law of total variance: var_b = mean_n var_i + mean_n (mu_i - mu_b)^2 */ \
         for (int64_t c = 0; c < C; ++c) mb[c] = kb[c];                                      \
         for (int64_t n = 0; n < N; ++n)                                                     \
-            for (int64_t c = 0; c < C; ++c) {                                               \
+            _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) {                           \
                 double d = mi[n * C + c] - mb[c]; vb[c] += vi[n * C + c] + d * d;           \
             }                                                                               \
         for (int64_t c = 0; c < C; ++c) vb[c] /= (double)N;                                 \
@@ -264,7 +283,6 @@ int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int lay
         }                                                                                   \
     }                                                                                       \
     affine_##SFX(x, x, y, N, C, M, layout, ab, 0, ab + NC, nt);                             \
-    free(mi); free(ab);                                                                     \
     return 0;                                                                               \
 }                                                                                           \
 /* Backward (formulas in _BatchInstanceNormFn). dx, grad_*: NULL when not wanted.           \
@@ -273,23 +291,25 @@ int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int6
                        int layout, const T *rho, const T *gamma, const T *save,             \
                        int use_batch, T *grad_rho, T *grad_w, T *grad_b, int nt) {          \
     const int64_t NC = N * C;                                                               \
-    double *mi = (double *)malloc(sizeof(double) * (4 * NC + 3 * C));                       \
-    T *coef = (T *)malloc(sizeof(T) * (3 * NC + 4 * C));                                    \
-    if (!mi || !coef) { free(mi); free(coef); return -1; }                                  \
+    double *mi = (double *)bin_scratch(sizeof(double) * (4 * NC + 3 * C)                    \
+                                       + sizeof(T) * (7 * NC + 4 * C));                     \
+    if (!mi) return -1;                                                                     \
+    T *coef = (T *)(mi + 4 * NC + 3 * C), *tmp = coef + 3 * NC + 4 * C;                     \
     double *sg = mi + NC, *sc = sg + NC, *se = sc + NC, *tg = se + NC, *tb = tg + C, *ti = tb + C; \
     const T *ri = save, *mb = save + NC, *rb = mb + C, *kb = rb + C;                        \
     /* one pass: S_g, sum g (x - K), sum (x - K); then mu_i = K + sum (x - K) / M and       \
        S_c = sum g (x - K) - (mu_i - K) S_g, all in double (K is near every mu_i) */        \
-    if (sums_##SFX(g, x, kb, N, C, M, layout, sg, sc, se, nt)) { free(mi); free(coef); return -1; } \
-    for (int64_t n = 0; n < N; ++n)                                                         \
-        for (int64_t c = 0; c < C; ++c) {                                                   \
+    sums_##SFX(g, x, kb, N, C, M, layout, sg, sc, se, tmp, nt);                             \
+    div_by(se, NC, M);                                                                      \
+    for (int64_t n = 0; n < N; ++n) /* inner loops over c: independent per c, vectorised */ \
+        _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) {                               \
             const int64_t k = n * C + c;                                                    \
-            const double e = se[k] / (double)M;                                             \
+            const double e = se[k]; /* divided by M above */                                \
             mi[k] = (double)kb[c] + e; sc[k] -= e * sg[k];                                  \
         }                                                                                   \
     for (int64_t c = 0; c < C; ++c) { tg[c] = 0.0; tb[c] = 0.0; ti[c] = 0.0; }              \
     for (int64_t n = 0; n < N; ++n)                                                         \
-        for (int64_t c = 0; c < C; ++c) { /* sum_n of S_g, d_B, d_I */                      \
+        _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) { /* sum_n of S_g, d_B, d_I */  \
             const int64_t k = n * C + c;                                                    \
             tg[c] += sg[k]; ti[c] += (double)ri[k] * sc[k];                                 \
             tb[c] += (double)rb[c] * (sc[k] + (mi[k] - (double)mb[c]) * sg[k]);             \
@@ -325,7 +345,6 @@ int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int6
         }                                                                                   \
     }                                                                                       \
     if (dx) affine_##SFX(g, x, dx, N, C, M, layout, coef, coef + NC, coef + 2 * NC, nt);    \
-    free(mi); free(coef);                                                                   \
     return 0;                                                                               \
 }
 
@@ -335,6 +354,7 @@ BIN_KERNELS(double, f64, sqrt)
 _C_TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _c_lib: ctypes.CDLL | None = None
 _c_tried = False
+_c_fns: dict[torch.dtype, tuple[Any, Any]] = {}  # dtype -> (forward, backward), set by _bind
 
 
 def _c_library() -> ctypes.CDLL | None:
@@ -387,6 +407,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr,
                         i32]
         fwd.restype = bwd.restype = i32
+    _c_fns.update({dtype: (getattr(lib, f"bin_forward_{sfx}"), getattr(lib, f"bin_backward_{sfx}"))
+                   for dtype, sfx in _C_TYPES.items()})
     return lib
 
 
@@ -400,10 +422,10 @@ def _layout(x: Tensor) -> int | None:
 def _c_library_for(x: Tensor, *others: Tensor | None) -> ctypes.CDLL | None:
     """The C kernels if they apply: CPU, float32/float64, a dense layout, and every other
     tensor (gate, affine, running statistics) contiguous in x's dtype."""
-    if x.device.type != "cpu" or x.dtype not in _C_TYPES or _layout(x) is None:
+    if not x.is_cpu or x.dtype not in _C_TYPES or _layout(x) is None:
         return None
-    if any(t is not None and (t.dtype != x.dtype or t.device != x.device
-                              or not t.is_contiguous()) for t in others):
+    if any(t is not None and (t.dtype != x.dtype or not t.is_cpu or not t.is_contiguous())
+           for t in others):
         return None
     return _c_library()
 
@@ -487,7 +509,7 @@ class _BatchInstanceNormFn(torch.autograd.Function):
             weight = torch.ones(c, dtype=x.dtype)
         if bias is None:
             bias = torch.zeros(c, dtype=x.dtype)
-        status = getattr(lib, f"bin_forward_{_C_TYPES[x.dtype]}")(
+        status = _c_fns[x.dtype][0](
             x.data_ptr(), out.data_ptr(), n, c, h * w, _layout(x), rho.data_ptr(),
             weight.data_ptr(), bias.data_ptr(), _ptr(running_mean), _ptr(running_var),
             int(use_batch_stats), int(update), momentum, eps, save.data_ptr(),
@@ -511,9 +533,7 @@ class _BatchInstanceNormFn(torch.autograd.Function):
         grad_x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype) if need_x else None
         grad_rho, grad_w, grad_b = (torch.empty(c, dtype=x.dtype) if need else None
                                     for need in (need_rho, need_w, need_b))
-        lib = _c_library()
-        assert lib is not None
-        status = getattr(lib, f"bin_backward_{_C_TYPES[x.dtype]}")(
+        status = _c_fns[x.dtype][1](
             g.data_ptr(), x.data_ptr(), _ptr(grad_x), n, c, h * w, _layout(x), rho.data_ptr(),
             weight.data_ptr(), save.data_ptr(), int(ctx.use_batch_stats), _ptr(grad_rho),
             _ptr(grad_w), _ptr(grad_b), torch.get_num_threads())

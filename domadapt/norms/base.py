@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -81,6 +82,11 @@ class NormKind:
 
     def diagnostic_names(self) -> tuple[str, ...]:
         return ()
+
+    def records(self, model: nn.Module) -> dict[str, pd.DataFrame]:
+        """Tables written into the run directory when training ends (file name -> table),
+        e.g. BIN's gates per layer; committed with the run records."""
+        return {}
 
 
 NORMS: Registry[NormKind] = Registry("norm")

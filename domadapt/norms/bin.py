@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from torch import nn
 
 from domadapt.errors import UserError
@@ -27,6 +28,7 @@ from domadapt.norms.base import NormKind, SpecialParams, all_params, register_no
 from domadapt.registry import hparam
 
 GATE_LR_RULES = ("base", "layer")
+GATES_RECORD = "gates.csv"  # per layer: mean, min, max, fractions, histogram (analysis.gates)
 
 
 @dataclass(frozen=True)
@@ -59,3 +61,8 @@ class BatchInstanceNorm(NormKind):
 
     def diagnostic_names(self) -> tuple[str, ...]:
         return ("mean_gate", f"gate_frac_below_{GATE_LOW}")
+
+    def records(self, model: nn.Module) -> dict[str, pd.DataFrame]:
+        from domadapt.analysis.gates import gate_summary
+
+        return {GATES_RECORD: gate_summary(model)}
