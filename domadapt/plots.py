@@ -96,6 +96,39 @@ def gates_figure(values: Sequence[np.ndarray], layers: Sequence[str], title: str
     return fig
 
 
+def gates_sweep_figure(gates: pd.DataFrame, title: str) -> Figure:
+    """BIN gates of a sweep (`tables.gates_frame`), one colour per setting/method: left, per
+    layer depth the mean rho over runs (solid) and the lowest rho of any run (dotted); right,
+    the share of all gates (every layer, run) in each tenth of [0, 1], log scale: a bimodal
+    distribution shows mass in both end bins."""
+    hist = [c for c in gates.columns if c.startswith("hist_")]
+    groups = list(gates.groupby(["setting", "method", "norm"], sort=True))
+    fig = new_figure(12.0, 4.6)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
+    width = 0.8 / max(len(groups), 1)
+    for i, ((setting, method, norm), g) in enumerate(groups):
+        color, label = _colors(len(groups))[i], f"{setting} {method} {norm} ({g['n_runs'].max()} runs)"
+        g = g.sort_values("depth")
+        left.plot(g["depth"], g["mean"], color=color, marker="o", markersize=3, label=label)
+        left.plot(g["depth"], g["min"], color=color, linestyle=":", linewidth=1)
+        counts = g[hist].sum().to_numpy(dtype=float)
+        right.bar(np.arange(len(hist)) + (i - (len(groups) - 1) / 2) * width,
+                  counts / max(counts.sum(), 1.0), width=width, color=color, label=label)
+    for y in (0.1, 0.9):
+        left.axhline(y, color="grey", linestyle=":", linewidth=0.8)
+    left.set_ylim(-0.03, 1.03)
+    left.set_xlabel("BIN layer depth (network order)")
+    left.set_ylabel("gate ρ: mean over runs (solid), lowest (dotted)")
+    left.legend(loc="lower right", fontsize=7)
+    right.set_yscale("log")
+    right.set_xticks(np.arange(len(hist)), [f"{k / 10:.1f}" for k in range(len(hist))],
+                     fontsize=7)
+    right.set_xlabel("gate ρ, bin starting at")
+    right.set_ylabel("share of all gates")
+    fig.suptitle(title)
+    return fig
+
+
 def tsne_figure(
     xy: np.ndarray,
     domain: np.ndarray,

@@ -23,6 +23,8 @@ Files written into the results directory:
   per comparison (task = `all`) the number of pairs over tasks x seeds and a two-sided
   Wilcoxon signed-rank test (W, p, exact or normal approximation). The `>= BN` footer of the
   display tables carries that test's p and number of pairs beside its count.
+- `gates_by_layer.csv` (when BIN runs wrote gates.csv): the gates per layer, pooled over
+  tasks and seeds per setting/method/norm (`gates_frame`); `domadapt compare` draws it.
 - `selection_table.csv/.md`: for every selection rule the runs recorded
   (`domadapt.selection`), the mean selected target accuracy per setting/method/norm and its
   regret (oracle - rule, percentage points); from log.csv, whatever `select` is.
@@ -61,6 +63,7 @@ from domadapt.selection import RULES, get_rule, select_runs, selection_table
 from domadapt.stats import all_comparisons
 
 AVG = "Avg"
+GATES_BY_LAYER = "gates_by_layer.csv"
 BASELINE_NORM = "bn"
 RUN_COLUMNS = (
     "dataset", "setting", "task", "source", "target", "method", "norm", "backbone", "seed",
@@ -208,6 +211,27 @@ def scores_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
             rows += [{**base, "row": d, "acc": 100.0 * a}
                      for d, a in run.metrics["domain_acc"].items()]
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+def gates_frame(runs: list[FinishedRun]) -> pd.DataFrame:
+    """BIN gates per layer, pooled over the runs that wrote gates.csv (`analysis.gates`): one
+    row per setting, method, norm and layer (network order) with n_runs; `mean`: the mean over
+    runs of the layer's mean rho; `min`: the lowest rho of any run; `frac_*`: means over runs;
+    `hist_*`: channel counts summed over runs. Empty without such runs."""
+    from domadapt.analysis.gates import HIGH, HIST_COLUMNS, LOW, RECORD
+
+    parts = [pd.read_csv(run.run_dir / RECORD).assign(
+                 **{k: run.config[k] for k in ("setting", "method", "norm")})
+             for run in runs if (run.run_dir / RECORD).is_file()]
+    if not parts:
+        return pd.DataFrame()
+    fractions = [f"frac_below_{LOW}", f"frac_above_{HIGH}"]
+    return (pd.concat(parts, ignore_index=True)
+            .groupby(["setting", "method", "norm", "depth", "layer"], sort=True)
+            .agg(n_runs=("mean", "size"), channels=("channels", "first"), mean=("mean", "mean"),
+                 min=("min", "min"), **{c: (c, "mean") for c in fractions},
+                 **{c: (c, "sum") for c in HIST_COLUMNS})
+            .reset_index())
 
 
 SCORE_COLUMNS = ["setting", "row", "method", "norm", "seed", "acc"]
@@ -503,6 +527,8 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
         f"Paired comparisons on {layout.dataset}, evaluation selected by {rule.label}",
         COMPARISON_NOTE + " " + chosen, _comparison_sections(comparison), command))
     written.append(_write_csv(selection, out_dir / "selection_table.csv", index=False))
+    if not (gates := gates_frame(runs)).empty:
+        written.append(_write_csv(gates.round(6), out_dir / GATES_BY_LAYER, index=False))
     written.append(_write_markdown_parts(
         out_dir / "selection_table.md", f"Model selection on {layout.dataset}",
         _selection_note(runs, selection), _selection_sections(selection, layout), command))

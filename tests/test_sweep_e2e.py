@@ -35,6 +35,16 @@ def test_sweep_trains_every_cell_writes_tables_and_resumes(run_cli, tmp_path: Pa
     multi = pd.read_csv(results / "multidomain_table.csv", index_col=0, keep_default_na=False)
     assert list(multi.index) == ["gray", "color", "texture", "sketch", "Avg", "BIN >= BN"]
     assert (multi.loc[["gray", "Avg"], ["bn", "bin"]] != "").all().all()
+    # the BIN runs' gates.csv, pooled per setting/method/norm and layer
+    gates = pd.read_csv(results / "gates_by_layer.csv")
+    assert set(zip(gates.setting, gates.method, gates.norm)) == {
+        ("transfer", "source-only", "bin"), ("transfer", "dann", "bin"),
+        ("multidomain", "source-only", "bin")}
+    layers = pd.read_csv(out / runs[runs.norm == "bin"].run_dir.iloc[0] / "gates.csv")
+    assert (gates.groupby(["setting", "method"]).size() == len(layers)).all()
+    assert (gates.n_runs == 1).all() and gates["mean"].between(0, 1).all()
+    hist = gates.filter(like="hist_").sum(axis=1)
+    assert (hist == gates.channels).all()  # one run per row: every channel in one bin
     record = json.loads((out / "sweep.json").read_text())
     assert record["command"].startswith("domadapt sweep --dataset styledigits --out ")
     assert "--multidomain" in record["command"] and "--workers" in record["command"]
@@ -48,5 +58,10 @@ def test_sweep_trains_every_cell_writes_tables_and_resumes(run_cli, tmp_path: Pa
 
     code, _, err = run_cli("tables", out, "--out", tmp_path / "again")
     assert code == 0, err
-    for name in ("runs.csv", "summary.csv", "transfer_table.csv", "multidomain_table.md"):
+    for name in ("runs.csv", "summary.csv", "transfer_table.csv", "multidomain_table.md",
+                 "gates_by_layer.csv"):
         assert (tmp_path / "again" / name).read_text() == (results / name).read_text()
+
+    code, stdout, err = run_cli("compare", results)
+    assert code == 0, err
+    assert (results / "gates.png").stat().st_size > 0 and "gates.png" in stdout

@@ -26,6 +26,7 @@ from domadapt.errors import UserError
 from domadapt.nn import GATE_HIGH as HIGH
 from domadapt.nn import GATE_LOW as LOW
 
+RECORD = "gates.csv"  # a BIN run's `summarize_gates` table, written when training ends
 HIST_EDGES = np.linspace(0.0, 1.0, 11)
 HIST_COLUMNS = [f"hist_{lo:.1f}_{hi:.1f}" for lo, hi in itertools.pairwise(HIST_EDGES)]
 COLUMNS = ["layer", "depth", "channels", "mean", "std", "min", "max",

@@ -295,7 +295,8 @@ def read_summary(tables_dir: Path) -> pd.DataFrame:
 
 def compare_report(sweep_dir: str | Path) -> list[Path]:
     """transfer_table.png (and multidomain_table.png when that table exists) beside the tables
-    of a sweep (`find_tables`); the numbers are those of summary.csv. Returns the figures."""
+    of a sweep (`find_tables`); the numbers are those of summary.csv. With BIN gate records
+    (gates_by_layer.csv), also gates.png. Returns the figures."""
     from domadapt import plots
 
     plots.require_matplotlib()
@@ -311,6 +312,13 @@ def compare_report(sweep_dir: str | Path) -> list[Path]:
         fig = plots.comparison_figure(mine, f"{title} — {tables_dir.name}\n{sub}", ylabel)
         plots.save_png(fig, tables_dir / name)
         written.append(tables_dir / name)
+    from domadapt.tables import GATES_BY_LAYER
+
+    if (gates_csv := tables_dir / GATES_BY_LAYER).is_file():
+        fig = plots.gates_sweep_figure(pd.read_csv(gates_csv),
+                                       f"BIN gates per layer — {tables_dir.name}")
+        plots.save_png(fig, tables_dir / "gates.png")
+        written.append(tables_dir / "gates.png")
     if not written:
         raise UserError(f"{tables_dir / SUMMARY}: no finished results to plot")
     return written

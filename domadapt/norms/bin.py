@@ -28,7 +28,6 @@ from domadapt.norms.base import NormKind, SpecialParams, all_params, register_no
 from domadapt.registry import hparam
 
 GATE_LR_RULES = ("base", "layer")
-GATES_RECORD = "gates.csv"  # per layer: mean, min, max, fractions, histogram (analysis.gates)
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,6 @@ class BatchInstanceNorm(NormKind):
         return ("mean_gate", f"gate_frac_below_{GATE_LOW}")
 
     def records(self, model: nn.Module) -> dict[str, pd.DataFrame]:
-        from domadapt.analysis.gates import gate_summary
+        from domadapt.analysis.gates import RECORD, gate_summary
 
-        return {GATES_RECORD: gate_summary(model)}
+        return {RECORD: gate_summary(model)}
