@@ -136,9 +136,7 @@ static void sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C
             const T *un = u + n * M * C, *vn = v + n * M * C;                               \
             double *a = s1 + n * C, *b = s2 + n * C, *e = mu ? s3 + n * C : 0;              \
             T *fa = tmp + 4 * n * C, *fb = fa + C, *fe = fb + C, *m = fe + C;               \
-            for (int64_t c = 0; c < C; ++c) {                                               \
-                a[c] = 0.0; b[c] = 0.0; if (mu) { e[c] = 0.0; m[c] = mu[c]; }               \
-            }                                                                               \
+            if (mu) for (int64_t c = 0; c < C; ++c) m[c] = mu[c];                           \
             for (int pass = mu ? 1 : 0; pass < 2; ++pass) {                                 \
                 for (int64_t i0 = 0; i0 < M; i0 += BIN_ROWS) {                              \
                     const int64_t i1 = i0 + BIN_ROWS < M ? i0 + BIN_ROWS : M;               \
@@ -170,13 +168,20 @@ static void sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C
                             }                                                               \
                         }                                                                   \
                     }                                                                       \
+                    /* into double: the first block starts the sums (0.0 + f, as if they    \
+                       had been zeroed), later blocks add to them */                        \
+                    const double z = 0.0; const int b0 = i0 == 0;                           \
                     if (pass == 0) {                                                        \
-                        for (int64_t c = 0; c < C; ++c) a[c] += fa[c];                      \
+                        _Pragma("omp simd")                                                 \
+                        for (int64_t c = 0; c < C; ++c) a[c] = (b0 ? z : a[c]) + fa[c];     \
                     } else if (!mu) {                                                       \
-                        for (int64_t c = 0; c < C; ++c) b[c] += fb[c];                      \
+                        _Pragma("omp simd")                                                 \
+                        for (int64_t c = 0; c < C; ++c) b[c] = (b0 ? z : b[c]) + fb[c];     \
                     } else {                                                                \
+                        _Pragma("omp simd")                                                 \
                         for (int64_t c = 0; c < C; ++c) {                                   \
-                            a[c] += fa[c]; b[c] += fb[c]; e[c] += fe[c];                    \
+                            a[c] = (b0 ? z : a[c]) + fa[c]; b[c] = (b0 ? z : b[c]) + fb[c]; \
+                            e[c] = (b0 ? z : e[c]) + fe[c];                                 \
                         }                                                                   \
                     }                                                                       \
                 }                                                                           \
@@ -240,11 +245,12 @@ int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int lay
     T *ab = (T *)(mi + 2 * NC + 3 * C), *tmp = ab + 2 * NC + 3 * C;                         \
     double *vi = mi + NC, *mb = vi + NC, *vb = mb + C, *kb = vb + C;                        \
     sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, 0, tmp, nt);                               \
-    for (int64_t c = 0; c < C; ++c) { mb[c] = 0.0; vb[c] = 0.0; kb[c] = 0.0; }             \
-    for (int64_t n = 0; n < N; ++n) /* inner loops over c: independent per c, vectorised */ \
+    for (int64_t c = 0; c < C; ++c) { mb[c] = 0.0; vb[c] = 0.0; kb[c] = 0.0; }              \
+    for (int64_t n = 0; n < N; ++n) { /* loops over c: independent per c, vectorised */     \
         _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) kb[c] += mi[n * C + c];         \
+        div_by(vi + n * C, C, M);                                                           \
+    }                                                                                       \
     for (int64_t c = 0; c < C; ++c) kb[c] /= (double)N;                                     \
-    div_by(vi, NC, M);                                                                      \
     if (use_batch) { /* law of total variance: var_b = mean_n var_i + mean_n (mu_i - mu_b)^2 */ \
         for (int64_t c = 0; c < C; ++c) mb[c] = kb[c];                                      \
         for (int64_t n = 0; n < N; ++n)                                                     \
@@ -300,20 +306,17 @@ int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int6
     /* one pass: S_g, sum g (x - K), sum (x - K); then mu_i = K + sum (x - K) / M and       \
        S_c = sum g (x - K) - (mu_i - K) S_g, all in double (K is near every mu_i) */        \
     sums_##SFX(g, x, kb, N, C, M, layout, sg, sc, se, tmp, nt);                             \
-    div_by(se, NC, M);                                                                      \
-    for (int64_t n = 0; n < N; ++n) /* inner loops over c: independent per c, vectorised */ \
-        _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) {                               \
+    for (int64_t c = 0; c < C; ++c) { tg[c] = 0.0; tb[c] = 0.0; ti[c] = 0.0; }              \
+    for (int64_t n = 0; n < N; ++n) { /* loops over c: independent per c, vectorised */     \
+        div_by(se + n * C, C, M);                                                           \
+        _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) { /* and sum_n S_g, d_B, d_I */ \
             const int64_t k = n * C + c;                                                    \
             const double e = se[k]; /* divided by M above */                                \
             mi[k] = (double)kb[c] + e; sc[k] -= e * sg[k];                                  \
-        }                                                                                   \
-    for (int64_t c = 0; c < C; ++c) { tg[c] = 0.0; tb[c] = 0.0; ti[c] = 0.0; }              \
-    for (int64_t n = 0; n < N; ++n)                                                         \
-        _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) { /* sum_n of S_g, d_B, d_I */  \
-            const int64_t k = n * C + c;                                                    \
             tg[c] += sg[k]; ti[c] += (double)ri[k] * sc[k];                                 \
             tb[c] += (double)rb[c] * (sc[k] + (mi[k] - (double)mb[c]) * sg[k]);             \
         }                                                                                   \
+    }                                                                                       \
     for (int64_t c = 0; c < C; ++c) {                                                       \
         const double r = (double)rho[c], gm = (double)gamma[c];                             \
         if (grad_rho) grad_rho[c] = (T)(gm * (tb[c] - ti[c]));                              \
