@@ -23,6 +23,9 @@ Files written into the results directory:
   per comparison (task = `all`) the number of pairs over tasks x seeds and a two-sided
   Wilcoxon signed-rank test (W, p, exact or normal approximation). The `>= BN` footer of the
   display tables carries that test's p and number of pairs beside its count.
+- `stability.csv/.md`: per task and method/norm, the seed std of the reported accuracy and
+  the swing of each run's target accuracy over its evaluations from mid-training on
+  (`stability_frame`).
 - `gates_by_layer.csv` (when BIN runs wrote gates.csv): the gates per layer, pooled over
   tasks and seeds per setting/method/norm (`gates_frame`); `domadapt compare` draws it.
 - `selection_table.csv/.md`: for every selection rule the runs recorded
@@ -332,6 +335,41 @@ def selection_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
     return table[list(SELECTION_COLUMNS)].round({"target_acc": 4, "regret": 4})
 
 
+def stability_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
+    """STABILITY_COLUMNS, in percentage points, per setting, row (task; `multidomain`: the
+    domains' mean), method and norm over the runs with a log.csv: `seed_std`, the sample std
+    over seeds of the reported (last) accuracy; `swing`, per run the range (max - min) of the
+    target accuracy over its evaluations from mid-training on (iter >= iters / 2), as its mean
+    and maximum over seeds. A cell whose swing rivals a difference between columns reports
+    when training stopped as much as what the method does."""
+    rows = []
+    for run in runs:
+        if run.log is None or "target_acc" not in run.log:
+            continue
+        cfg = run.config
+        late = run.log.loc[run.log["iter"] >= cfg["iters"] / 2, "target_acc"]
+        rows.append({
+            "setting": cfg["setting"],
+            "row": (layout.task_label(cfg["source"], cfg["target"])
+                    if cfg["setting"] == "transfer" else "multidomain"),
+            "method": cfg["method"], "norm": cfg["norm"], "seed": cfg["seed"],
+            "acc": 100.0 * run.metrics["target_acc"],
+            "swing": 100.0 * (late.max() - late.min()) if len(late) else float("nan"),
+        })
+    if not rows:
+        return pd.DataFrame(columns=list(STABILITY_COLUMNS))
+    out = (pd.DataFrame(rows).groupby(["setting", "row", "method", "norm"], sort=True)
+           .agg(n_seeds=("seed", "size"), last_mean=("acc", "mean"), seed_std=("acc", "std"),
+                swing_mean=("swing", "mean"), swing_max=("swing", "max"))
+           .reset_index().sort_values("setting", ascending=False, kind="stable"))
+    return out[list(STABILITY_COLUMNS)].round(
+        {"last_mean": 4, "seed_std": 4, "swing_mean": 4, "swing_max": 4})
+
+
+STABILITY_COLUMNS = ("setting", "row", "method", "norm", "n_seeds", "last_mean", "seed_std",
+                     "swing_mean", "swing_max")
+
+
 # -- aggregation --------------------------------------------------------------------------------
 
 def aggregate(scores: pd.DataFrame, rows: list[str],
@@ -527,12 +565,26 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
         f"Paired comparisons on {layout.dataset}, evaluation selected by {rule.label}",
         COMPARISON_NOTE + " " + chosen, _comparison_sections(comparison), command))
     written.append(_write_csv(selection, out_dir / "selection_table.csv", index=False))
+    stability = stability_frame(runs, layout)
+    written.append(_write_csv(stability, out_dir / "stability.csv", index=False))
+    written.append(_write_markdown(
+        stability.set_index("setting").round(1), out_dir / "stability.md",
+        f"Stability of the reported numbers on {layout.dataset}", STABILITY_NOTE, command))
     if not (gates := gates_frame(runs)).empty:
         written.append(_write_csv(gates.round(6), out_dir / GATES_BY_LAYER, index=False))
     written.append(_write_markdown_parts(
         out_dir / "selection_table.md", f"Model selection on {layout.dataset}",
         _selection_note(runs, selection), _selection_sections(selection, layout), command))
     return written
+
+
+STABILITY_NOTE = (
+    "Percentage points per task and method/norm: `last_mean` and `seed_std`, the mean and "
+    "sample std over seeds of the last evaluation's target accuracy (the reported number); "
+    "`swing_mean` / `swing_max`, the range (max - min) of each run's target accuracy over its "
+    "evaluations from mid-training on (iter >= iters / 2), averaged over seeds / the largest. "
+    "Where the swing or the seed std is as large as a difference between columns, that "
+    "difference says when training stopped, not which method is better.")
 
 
 COMPARISON_NOTE = (

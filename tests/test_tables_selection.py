@@ -276,3 +276,24 @@ def test_runs_without_log_or_with_an_old_log(tmp_path: Path, run_cli) -> None:
     code, _, err = run_cli("tables", old, "--select", "entropy")
     assert code != 0 and "needs val_entropy, which 1 of 14 runs did not record" in err
     assert run_cli("tables", old, "--select", "oracle")[0] == 0
+
+
+def test_stability_table_seed_std_and_late_swing(sweep: Path) -> None:
+    """stability.csv: seed std of the last accuracy; swing = range over evaluations at
+    iter >= iters / 2 (here iters 20 and 30): bn |last + 5 - last| = 5, bin 3 by construction."""
+    write_tables(sweep)
+    st = pd.read_csv(sweep / "stability.csv").set_index(["setting", "row", "norm"])
+    for task in TASKS:
+        for norm, swing in (("bn", 5.0), ("bin", 3.0)):
+            lasts = [base(task, s) + (D[(task, s)] if norm == "bin" else 0.0) for s in range(3)]
+            row = st.loc[("transfer", task, norm)]
+            assert row["n_seeds"] == 3 and row["method"] == "dann"
+            assert row["last_mean"] == pytest.approx(sum(lasts) / 3, abs=1e-3)
+            assert row["seed_std"] == pytest.approx(pd.Series(lasts).std(ddof=1), abs=1e-3)
+            assert row["swing_mean"] == pytest.approx(swing, abs=1e-3)
+            assert row["swing_max"] == pytest.approx(swing, abs=1e-3)
+    # multi-domain: target_acc = the domains' mean; iter 20 vs 30: bn 80 vs 70, bin 85 vs 80
+    assert st.loc[("multidomain", "multidomain", "bn"), "swing_mean"] == pytest.approx(10.0)
+    assert st.loc[("multidomain", "multidomain", "bin"), "swing_mean"] == pytest.approx(5.0)
+    assert math.isnan(st.loc[("multidomain", "multidomain", "bn"), "seed_std"])  # one seed
+    assert "swing" in (sweep / "stability.md").read_text()
