@@ -20,6 +20,7 @@ keep running when the sweep command itself is interrupted; a re-run collects the
 from __future__ import annotations
 
 import fcntl
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -264,8 +265,8 @@ class ProcessLauncher:
                 mp_wait([s.conn for s in busy] + [s.process.sentinel for s in busy])
                 for slot in busy:
                     if (result := slot.result()) is not None:
+                        slot.give(pending)  # before the consumer's work (tables) on the result
                         yield result
-                        slot.give(pending)
         finally:
             for slot in slots:
                 slot.stop()
@@ -441,9 +442,13 @@ def run_sweep(
     runner: Runner | None = None,
     device: str = "auto",
     quiet: bool = False,
+    tables_interval: float = 10.0,
 ) -> SweepReport:
-    """Write sweep.json, run every unfinished cell, rebuild the tables after each finished one.
+    """Write sweep.json, run every unfinished cell, rebuild the tables as cells finish.
 
+    The tables are rebuilt after a finished cell when the last rebuild is at least
+    `tables_interval` seconds old (a rebuild reads every run, so rebuilding after each of many
+    short cells costs O(cells^2)), and always when the sweep ends or is interrupted.
     `runner` (default train.run) must be picklable for process and submitit launchers.
     """
     sweep_dir = Path(sweep_dir).absolute()  # jobs and workers may run elsewhere
@@ -459,8 +464,9 @@ def run_sweep(
 
     todo = [(cfg, d) for cfg, d in cells if not is_done(d)]
     report = SweepReport(total=len(cells), skipped=len(cells) - len(todo))
+    last_tables = -math.inf
     with progress(total=len(cells), initial=report.skipped, quiet=quiet, desc="sweep",
-                  unit="cell") as bar:
+                  unit="cell") as bar, _tables_on_exit(sweep_dir, results_dir):
         while todo:
             busy = []
             with closing(launcher.launch(fn, todo)) as results:  # stops workers on errors
@@ -475,7 +481,9 @@ def run_sweep(
                     report.ran += result.status == RAN
                     report.finished_elsewhere += result.status == FINISHED
                     bar.update()
-                    write_tables(sweep_dir, results_dir)
+                    if time.monotonic() - last_tables >= tables_interval:
+                        write_tables(sweep_dir, results_dir)
+                        last_tables = time.monotonic()
             todo = []
             for cfg, run_dir in cells:  # cells another sweep holds: wait, take over leftovers
                 if run_dir not in busy:
@@ -488,8 +496,21 @@ def run_sweep(
                     bar.update()
                 else:
                     todo.append((cfg, run_dir))
-    write_tables(sweep_dir, results_dir)
     return report
+
+
+@contextmanager
+def _tables_on_exit(sweep_dir: Path, results_dir: Path) -> Iterator[None]:
+    """Rebuild the tables when the block ends, also when it is interrupted (Ctrl-C, SIGTERM,
+    a failed launcher), so they show every finished cell; an error while rebuilding them
+    after another error does not hide that one."""
+    try:
+        yield
+    except BaseException:
+        with suppress(Exception):
+            write_tables(sweep_dir, results_dir)
+        raise
+    write_tables(sweep_dir, results_dir)
 
 
 def _make_dirs(*dirs: Path) -> None:

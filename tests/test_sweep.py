@@ -159,7 +159,8 @@ def test_parsing() -> None:
 
 def test_sweep_runs_every_cell_once_and_updates_tables(tmp_path: Path) -> None:
     plan = toy_plan()
-    report = run_sweep(plan, tmp_path, LocalLauncher(), quiet=True, runner=fake_runner)
+    report = run_sweep(plan, tmp_path, LocalLauncher(), quiet=True, runner=fake_runner,
+                       tables_interval=0)
     assert (report.total, report.ran, report.skipped, report.failed) == (10, 10, 0, [])
     dirs = [cell_dir(tmp_path, c) for c in plan.configs]
     assert all(len(calls(d)) == 1 for d in dirs)
@@ -291,6 +292,18 @@ def test_interrupted_process_sweep_stops_its_workers(tmp_path: Path, signum: int
     time.sleep(1.5)
     assert sum(len(calls(d)) for d in dirs) == started < len(dirs)
     assert not any(_alive(pid) for pid in pids)
+    finished = sum((d / "metrics.json").is_file() for d in dirs)  # tables rebuilt on the way out
+    assert finished >= 2 and len(pd.read_csv(tmp_path / "runs.csv")) == finished
+
+
+def test_tables_are_rebuilt_at_most_every_interval_and_at_the_end(tmp_path: Path) -> None:
+    """Default interval (10 s) and instant cells: one rebuild after the first cell, none for
+    the next nine, and a last one when the sweep ends."""
+    plan = toy_plan()
+    run_sweep(plan, tmp_path, LocalLauncher(), quiet=True, runner=fake_runner)
+    dirs = [cell_dir(tmp_path, c) for c in plan.configs]
+    assert sorted(calls(d)[0]["tables"] for d in dirs) == [0] + [1] * 9
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == 10
 
 
 def test_make_launcher(tmp_path: Path) -> None:
