@@ -49,8 +49,7 @@ def run(tree: Path, args: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     start = time.perf_counter()
     done = subprocess.run([*entry(tree), *args], cwd=tree, env=env, capture_output=True,
-                          check=False,
-                          text=True)
+                          text=True, check=False)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{tree}: {' '.join(args[:2])} failed ({done.returncode}): "
