@@ -276,10 +276,10 @@ def sweep_reference(tree, tmp_path_factory) -> dict[str, dict]:
 
 def test_disk_full_during_a_table_write_loses_no_result(tree, sweep_reference, tmp_path, record):
     plan = _plan(tree)
-    with disk_full_at("runs.csv", 2), pytest.raises(UserError) as info:
-        run_sweep(plan, tmp_path, LocalLauncher(), device="cpu", quiet=True)
+    with disk_full_at("runs.csv", 2), pytest.raises(UserError) as info:  # tables per cell
+        run_sweep(plan, tmp_path, LocalLauncher(), device="cpu", quiet=True, tables_interval=0)
     before = finished(tmp_path)
-    table = pd.read_csv(tmp_path / "runs.csv")  # the previous version, whole
+    table = pd.read_csv(tmp_path / "runs.csv")  # whole: rebuilt on the way out
     tmp = leftovers(tmp_path)
     report = run_sweep(plan, tmp_path, LocalLauncher(), device="cpu", quiet=True)
     after = finished(tmp_path)
@@ -287,7 +287,7 @@ def test_disk_full_during_a_table_write_loses_no_result(tree, sweep_reference, t
     record("disk full (table)", after == sweep_reference, lost)
 
     assert str(info.value).startswith(f"no space left to write {tmp_path / 'runs.csv'}")
-    assert len(before) == 2 and len(table) == 1 and tmp == []
+    assert len(before) == 2 and len(table) == 2 and tmp == []
     assert report.skipped == 2 and report.ran == len(plan.configs) - 2 and not report.failed
     assert after == sweep_reference and lost == 0
     assert len(pd.read_csv(tmp_path / "runs.csv")) == len(plan.configs)
