@@ -113,6 +113,25 @@ def register(app: typer.Typer) -> None:
         for path in write_tables(sweep_dir, out, select=select):
             typer.echo(str(path))
 
+    @app.command("versus")
+    def versus(
+        sweep_a: Annotated[Path, typer.Argument(help="sweep A (the reference)",
+                                                show_default=False)],
+        sweep_b: Annotated[Path, typer.Argument(help="sweep B, e.g. the same grid with one "
+                                                "setting changed", show_default=False)],
+        out: Annotated[Path | None, option("--out",
+                                         help="where versus.csv/.md go (default: SWEEP_B)")] = None,
+        select: Annotated[str, option("--select", help=SELECT_HELP)] = "last",
+    ) -> None:
+        """Sweep B against sweep A, runs paired by task, method, norm and seed: per task the
+        means, B - A and its 95% t interval, over all pairs a Wilcoxon signed-rank test; the
+        settings on which the sweeps differ head the table (versus.csv/.md)."""
+        from domadapt.tables import write_versus
+
+        for path in write_versus(sweep_a, sweep_b, out if out is not None else sweep_b,
+                                 select=select):
+            typer.echo(str(path))
+
 
 def _key_values(items: list[str], option: str) -> dict[str, Any]:
     """`["a=1", "b=x"]` -> {"a": 1, "b": "x"}: ints and floats parsed, the rest kept as text."""

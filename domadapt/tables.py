@@ -49,6 +49,7 @@ UserError for the other rules (and it is left out of the selection table).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -63,7 +64,7 @@ from domadapt.methods import METHODS
 from domadapt.norms import NORMS
 from domadapt.rundir import RECORD, RunDir, sweep_run_dirs
 from domadapt.selection import RULES, get_rule, select_runs, selection_table
-from domadapt.stats import all_comparisons
+from domadapt.stats import all_comparisons, paired_comparison
 
 AVG = "Avg"
 GATES_BY_LAYER = "gates_by_layer.csv"
@@ -510,23 +511,7 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
     rule = get_rule(select)  # unknown rule: refused before anything is read
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir
-    if not sweep_dir.is_dir():
-        raise UserError(f"sweep directory not found: {sweep_dir}")
-    record = _read(sweep_dir / RECORD) if (sweep_dir / RECORD).is_file() else {}
-    try:
-        layout = Layout.from_dict(record["layout"]) if record else None
-        run_dirs = ([sweep_dir / r for r in record["runs"]] if record
-                    else sweep_run_dirs(sweep_dir))
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"corrupt sweep record ({e!r} missing or malformed): "
-                        f"{sweep_dir / RECORD}") from None
-    runs = finished_runs(run_dirs)
-    _check_unique(runs)
-    if layout is None:
-        if not runs:
-            raise UserError(f"no finished runs and no {RECORD} in {sweep_dir}")
-        layout = _layout_from_runs([run.config for run in runs])
-
+    layout, runs, record = load_sweep(sweep_dir)
     scores, picked = selected_scores(runs, layout, rule.name)
     comparison = comparison_frame(scores, layout)
     selection = selection_frame(runs, layout)
@@ -585,6 +570,139 @@ STABILITY_NOTE = (
     "evaluations from mid-training on (iter >= iters / 2), averaged over seeds / the largest. "
     "Where the swing or the seed std is as large as a difference between columns, that "
     "difference says when training stopped, not which method is better.")
+
+
+def load_sweep(sweep_dir: Path) -> tuple[Layout, list[FinishedRun], dict[str, Any]]:
+    """(layout, finished runs, sweep.json) of a sweep directory: the Layout and run list from
+    sweep.json when present, else every run dir under `sweep_dir/runs`, laid out from what
+    finished. UserError for a missing directory, a corrupt record, runs differing beyond
+    their cell."""
+    if not sweep_dir.is_dir():
+        raise UserError(f"sweep directory not found: {sweep_dir}")
+    record = _read(sweep_dir / RECORD) if (sweep_dir / RECORD).is_file() else {}
+    try:
+        layout = Layout.from_dict(record["layout"]) if record else None
+        run_dirs = ([sweep_dir / r for r in record["runs"]] if record
+                    else sweep_run_dirs(sweep_dir))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"corrupt sweep record ({e!r} missing or malformed): "
+                        f"{sweep_dir / RECORD}") from None
+    runs = finished_runs(run_dirs)
+    _check_unique(runs)
+    if layout is None:
+        if not runs:
+            raise UserError(f"no finished runs and no {RECORD} in {sweep_dir}")
+        layout = _layout_from_runs([run.config for run in runs])
+    return layout, runs, record
+
+
+# -- one sweep against another ------------------------------------------------------------------
+
+VERSUS_KEYS = ("setting", "row", "method", "norm")
+IGNORED_IN_DIFF = frozenset({"seed", "source", "target", "root", "num_workers", "eval_every",
+                             "checkpoint_every", "channels_last"})
+
+
+def config_difference(a: list[FinishedRun], b: list[FinishedRun]) -> dict[str, tuple[Any, Any]]:
+    """The settings on which two sweeps differ, over the runs of the (setting, method, norm)
+    groups both have: field -> (A's value, B's value), a sorted list where a side's runs
+    disagree among themselves; the grid's axes (tasks, seeds) and paths are left out."""
+    def group(run: FinishedRun) -> tuple[str, str, str]:
+        return run.config["setting"], run.config["method"], run.config["norm"]
+
+    shared = {group(r) for r in a} & {group(r) for r in b}
+
+    def values(runs: list[FinishedRun]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for run in runs:
+            if group(run) in shared:
+                for k, v in run.config.items():
+                    if k not in IGNORED_IN_DIFF:
+                        out.setdefault(k, set()).add(json_text(v))
+        return out
+
+    def shown(v: set[str] | None) -> Any:
+        return "-" if not v else next(iter(v)) if len(v) == 1 else sorted(v)
+
+    va, vb = values(a), values(b)
+    return {k: (shown(va.get(k)), shown(vb.get(k))) for k in sorted(set(va) | set(vb))
+            if va.get(k) != vb.get(k)}
+
+
+def json_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def versus_frame(a: tuple[Layout, list[FinishedRun]], b: tuple[Layout, list[FinishedRun]],
+                 select: str = "last") -> pd.DataFrame:
+    """VERSUS_COLUMNS: sweep B against sweep A, runs paired by setting, row (task; multi-domain:
+    the domain), method, norm and seed, accuracies in percent at the evaluation `select`
+    picks. Per (setting, method, norm) and row: n pairs, the means of A and B, B - A with its
+    95% t interval; then a row `all` with every pair over rows x seeds and the two-sided
+    Wilcoxon signed-rank test (`stats.paired_comparison`). Only pairs present in both count."""
+    sides = []
+    for label, (layout, runs) in (("A", a), ("B", b)):
+        scores, _ = selected_scores(runs, layout, select)
+        sides.append(scores.assign(side=label))
+    frame = pd.concat(sides, ignore_index=True)
+    frame["acc"] = frame["acc"].round(9)
+    per_row, overall = paired_comparison(frame, "side", "B", "A",
+                                         within=["setting", "method", "norm"], task="row",
+                                         value="acc")
+    means = (frame.pivot_table(index=[*VERSUS_KEYS, "seed"], columns="side", values="acc")
+             .dropna().groupby(list(VERSUS_KEYS)).mean())
+    records = []
+    for ov in overall.to_dict("records"):
+        group = {k: ov[k] for k in ("setting", "method", "norm")}
+        mine = per_row
+        for k, v in group.items():
+            mine = mine[mine[k] == v]
+        for r in mine.to_dict("records"):
+            m = means.loc[(r["setting"], r["row"], r["method"], r["norm"])]
+            records.append({**r, "mean_a": m["A"], "mean_b": m["B"]})
+        pooled = means.loc[(group["setting"], slice(None), group["method"], group["norm"]), :]
+        records.append({**ov, "row": ALL_PAIRS, "n": ov["n_pairs"],
+                        "mean_a": pooled["A"].mean(), "mean_b": pooled["B"].mean()})
+    out = pd.DataFrame(records, columns=list(VERSUS_COLUMNS))
+    return out.round({c: 4 for c in ("mean_a", "mean_b", "mean_diff", "ci_low", "ci_high")})
+
+
+VERSUS_COLUMNS = ("setting", "method", "norm", "row", "n", "mean_a", "mean_b", "mean_diff",
+                  "ci_low", "ci_high", "n_zero", "W", "p_value", "p_method")
+
+
+def write_versus(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path,
+                 select: str = "last") -> list[Path]:
+    """versus.csv/.md in `out_dir`: sweep B against sweep A (`versus_frame`), headed by the
+    settings on which they differ (`config_difference`). Returns the paths written."""
+    rule = get_rule(select)
+    (la, ra, _), (lb, rb, _) = load_sweep(Path(a_dir)), load_sweep(Path(b_dir))
+    table = versus_frame((la, ra), (lb, rb), rule.name)
+    if table.empty:
+        raise UserError(f"no run of {b_dir} has a partner in {a_dir} (same task, method, "
+                        "norm and seed, both finished)")
+    diff = config_difference(ra, rb)
+    what = "; ".join(f"{k}: {va} (A) vs {vb} (B)" for k, (va, vb) in diff.items()) or "nothing"
+    out_dir = Path(out_dir)
+    written = [_write_csv(table, out_dir / "versus.csv", index=False)]
+    shown = pd.DataFrame({
+        "method/norm": [f"{r['setting']} {r['method']}/{r['norm']}" for r in table.to_dict("records")],
+        "task": table["row"], "n": table["n"].astype(int),
+        "A": table["mean_a"].map("{:.1f}".format), "B": table["mean_b"].map("{:.1f}".format),
+        "B - A": [_signed(v, 2) for v in table["mean_diff"]],
+        "95% CI (t)": [_interval(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"],
+                                                           strict=True)],
+        "Wilcoxon signed-rank": [_wilcoxon(r) if r["row"] == ALL_PAIRS else ""
+                                 for r in table.to_dict("records")],
+    }).set_index("method/norm")
+    note = (f"A = `{a_dir}`, B = `{b_dir}`; they differ in {what}. Runs are paired by task "
+            "(multi-domain: domain), method, norm and seed; accuracies in percent at the "
+            f"evaluation `--select {rule.name}` picks ({RULE_TEXT[rule.name]}). Per task: n "
+            "pairs, the means, B - A and its 95% Student-t interval; row `all`: every pair "
+            "and the two-sided Wilcoxon signed-rank test. A difference is a finding when its "
+            "interval excludes 0 or p < 0.05 with the n shown.")
+    written.append(_write_markdown(shown, out_dir / "versus.md", "B against A", note, None))
+    return written
 
 
 COMPARISON_NOTE = (

@@ -297,3 +297,40 @@ def test_stability_table_seed_std_and_late_swing(sweep: Path) -> None:
     assert st.loc[("multidomain", "multidomain", "bin"), "swing_mean"] == pytest.approx(5.0)
     assert math.isnan(st.loc[("multidomain", "multidomain", "bn"), "seed_std"])  # one seed
     assert "swing" in (sweep / "stability.md").read_text()
+
+
+def test_versus_pairs_two_sweeps_and_names_what_differs(tmp_path: Path, run_cli) -> None:
+    """B = the same grid at another lr, bin runs only, accuracies up by 2 + 0.1 seed points
+    (+0.5 on Be->Al, whose seed 2 is missing): five distinct positive differences, and `lr`
+    heads the table as what differs."""
+    a = make_sweep(tmp_path / "a")
+    dirs = []
+    for (task, seed), d in D.items():
+        if (task, seed) == ("Be->Al", 2):
+            continue
+        last = base(task, seed) + d + 2.0 + 0.1 * seed + (0.5 if task == "Be->Al" else 0.0)
+        cfg = make_config(dataset="toy", setting="transfer", source=TASKS[task][0],
+                          target=TASKS[task][1], method="dann", norm="bin", seed=seed,
+                          iters=30, lr=0.5)
+        dirs.append(write_run(tmp_path / "b", cfg, {"target_acc": last / 100},
+                              transfer_log(last, "bin")))
+    atomic_write_json(tmp_path / "b" / "sweep.json", {
+        "command": "domadapt sweep --dataset toy --lr 0.5",
+        "layout": Layout(**{**LAYOUT.__dict__, "norms": ("bin",), "multidomain": False}).to_dict(),
+        "runs": [str(d.relative_to(tmp_path / "b")) for d in dirs]})
+    code, stdout, err = run_cli("versus", a, tmp_path / "b", "--out", tmp_path / "v")
+    assert code == 0, err
+    v = pd.read_csv(tmp_path / "v" / "versus.csv")
+    assert set(zip(v.setting, v.method, v.norm)) == {("transfer", "dann", "bin")}
+    rows = v.set_index("row")
+    assert rows.at["Al->Be", "n"] == 3 and rows.at["Be->Al", "n"] == 2 and rows.at["all", "n"] == 5
+    assert rows.at["Al->Be", "mean_diff"] == pytest.approx(2.1)
+    assert rows.at["Be->Al", "mean_diff"] == pytest.approx(2.55)
+    assert rows.at["all", "mean_diff"] == pytest.approx((2.0 + 2.1 + 2.2 + 2.5 + 2.6) / 5)
+    assert rows.at["Al->Be", "mean_a"] == pytest.approx(sum(base("Al->Be", s) + D[("Al->Be", s)]
+                                                            for s in range(3)) / 3)
+    assert rows.at["all", "p_value"] == pytest.approx(2 / 2**5)  # all 5 differences > 0, exact
+    md = (tmp_path / "v" / "versus.md").read_text()
+    assert "lr: 0.01 (A) vs 0.5 (B)" in md and "+2.10" in md
+    code, _, err = run_cli("versus", a, tmp_path / "nowhere")
+    assert code != 0 and err.count("\n") == 1 and "nowhere" in err
