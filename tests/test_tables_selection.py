@@ -320,6 +320,7 @@ def test_versus_pairs_two_sweeps_and_names_what_differs(tmp_path: Path, run_cli)
         "runs": [str(d.relative_to(tmp_path / "b")) for d in dirs]})
     code, stdout, err = run_cli("versus", a, tmp_path / "b", "--out", tmp_path / "v")
     assert code == 0, err
+    assert stdout.split() == [str(tmp_path / "v" / "versus.csv"), str(tmp_path / "v" / "versus.md")]
     v = pd.read_csv(tmp_path / "v" / "versus.csv")
     assert set(zip(v.setting, v.method, v.norm)) == {("transfer", "dann", "bin")}
     rows = v.set_index("row")
