@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,7 @@ def dataset_layout(
         domains=tuple(domains),
         short_names={d: spec.short_name(d, root) for d in domains},
         tasks=tuple(sorted(set(tasks), key=canonical.__getitem__)),
-        methods=_ordered(methods, METHODS.names()),
+        methods=_ordered(methods, method_order()),
         norms=_ordered(norms, NORMS.names()),
         multidomain=multidomain,
     )
@@ -593,7 +593,12 @@ def load_sweep(sweep_dir: Path) -> tuple[Layout, list[FinishedRun], dict[str, An
         if not runs:
             raise UserError(f"no finished runs and no {RECORD} in {sweep_dir}")
         layout = _layout_from_runs([run.config for run in runs])
-    return layout, runs, record
+    return replace(layout, methods=_ordered(layout.methods, method_order())), runs, record
+
+
+def method_order() -> tuple[str, ...]:
+    """Column order of methods: the baseline (source-only) first, then the registry's."""
+    return (BASELINE_METHOD, *(m for m in METHODS.names() if m != BASELINE_METHOD))
 
 
 # -- one sweep against another ------------------------------------------------------------------
@@ -819,7 +824,7 @@ def _layout_from_runs(configs: list[dict[str, Any]]) -> Layout:
     except UserError:  # e.g. a folder dataset whose root is gone
         domains = sorted({d for t in tasks for d in t})
         return Layout(configs[0]["dataset"], tuple(domains), {d: d for d in domains},
-                      tuple(sorted(tasks)), _ordered(methods, METHODS.names()), _ordered(norms, NORMS.names()),
+                      tuple(sorted(tasks)), _ordered(methods, method_order()), _ordered(norms, NORMS.names()),
                       multidomain)
 
 
