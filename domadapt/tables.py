@@ -28,6 +28,8 @@ Files written into the results directory:
   (`stability_frame`).
 - `gates_by_layer.csv` (when BIN runs wrote gates.csv): the gates per layer, pooled over
   tasks and seeds per setting/method/norm (`gates_frame`); `domadapt compare` draws it.
+- `versus.csv/.md` (`write_versus`, `domadapt versus A B`, not part of a sweep's tables): one
+  sweep against another, runs paired by task, method, norm and seed.
 - `selection_table.csv/.md`: for every selection rule the runs recorded
   (`domadapt.selection`), the mean selected target accuracy per setting/method/norm and its
   regret (oracle - rule, percentage points); from log.csv, whatever `select` is.
