@@ -101,13 +101,17 @@ def gates_sweep_figure(gates: pd.DataFrame, title: str) -> Figure:
     layer depth the mean rho over runs (solid) and the lowest rho of any run (dotted); right,
     the share of all gates (every layer, run) in each tenth of [0, 1], log scale: a bimodal
     distribution shows mass in both end bins."""
+    from matplotlib.ticker import MaxNLocator
+
     hist = [c for c in gates.columns if c.startswith("hist_")]
     groups = list(gates.groupby(["setting", "method", "norm"], sort=True))
     fig = new_figure(12.0, 4.6)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
     width = 0.8 / max(len(groups), 1)
     for i, ((setting, method, norm), g) in enumerate(groups):
-        color, label = _colors(len(groups))[i], f"{setting} {method} {norm} ({g['n_runs'].max()} runs)"
+        runs = int(g["n_runs"].max())
+        color = _colors(len(groups))[i]
+        label = f"{setting} {method} {norm} ({runs} run{'s' if runs != 1 else ''})"
         g = g.sort_values("depth")
         left.plot(g["depth"], g["mean"], color=color, marker="o", markersize=3, label=label)
         left.plot(g["depth"], g["min"], color=color, linestyle=":", linewidth=1)
@@ -117,6 +121,7 @@ def gates_sweep_figure(gates: pd.DataFrame, title: str) -> Figure:
     for y in (0.1, 0.9):
         left.axhline(y, color="grey", linestyle=":", linewidth=0.8)
     left.set_ylim(-0.03, 1.03)
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("BIN layer depth (network order)")
     left.set_ylabel("gate ρ: mean over runs (solid), lowest (dotted)")
     left.legend(loc="lower right", fontsize=7)
