@@ -625,7 +625,7 @@ def config_difference(a: list[FinishedRun], b: list[FinishedRun]) -> dict[str, t
             if group(run) in shared:
                 for k, v in run.config.items():
                     if k not in IGNORED_IN_DIFF:
-                        out.setdefault(k, set()).add(json_text(v))
+                        out.setdefault(k, set()).add(_json_text(v))
         return out
 
     def shown(v: set[str] | None) -> Any:
@@ -636,7 +636,7 @@ def config_difference(a: list[FinishedRun], b: list[FinishedRun]) -> dict[str, t
             if va.get(k) != vb.get(k)}
 
 
-def json_text(value: Any) -> str:
+def _json_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
@@ -656,21 +656,19 @@ def versus_frame(a: tuple[Layout, list[FinishedRun]], b: tuple[Layout, list[Fini
     per_row, overall = paired_comparison(frame, "side", "B", "A",
                                          within=["setting", "method", "norm"], task="row",
                                          value="acc")
-    means = (frame.pivot_table(index=[*VERSUS_KEYS, "seed"], columns="side", values="acc")
-             .dropna().groupby(list(VERSUS_KEYS)).mean())
+    group = ["setting", "method", "norm"]
+    pairs = frame.pivot_table(index=[*VERSUS_KEYS, "seed"], columns="side",
+                              values="acc").dropna().reset_index()
+    rows = per_row.merge(pairs.groupby(list(VERSUS_KEYS))[["A", "B"]].mean().reset_index(),
+                         on=list(VERSUS_KEYS))
+    alls = overall.merge(pairs.groupby(group)[["A", "B"]].mean().reset_index(), on=group)
     records = []
-    for ov in overall.to_dict("records"):
-        group = {k: ov[k] for k in ("setting", "method", "norm")}
-        mine = per_row
-        for k, v in group.items():
-            mine = mine[mine[k] == v]
-        for r in mine.to_dict("records"):
-            m = means.loc[(r["setting"], r["row"], r["method"], r["norm"])]
-            records.append({**r, "mean_a": m["A"], "mean_b": m["B"]})
-        pooled = means.loc[(group["setting"], slice(None), group["method"], group["norm"]), :]
-        records.append({**ov, "row": ALL_PAIRS, "n": ov["n_pairs"],
-                        "mean_a": pooled["A"].mean(), "mean_b": pooled["B"].mean()})
-    out = pd.DataFrame(records, columns=list(VERSUS_COLUMNS))
+    for ov in alls.to_dict("records"):  # each group's rows, then its `all` row (over pairs)
+        mine = rows[(rows[group] == pd.Series({k: ov[k] for k in group})).all(axis=1)]
+        records += mine.to_dict("records")
+        records.append({**ov, "row": ALL_PAIRS, "n": ov["n_pairs"]})
+    out = pd.DataFrame(records).rename(columns={"A": "mean_a", "B": "mean_b"})
+    out = out.reindex(columns=list(VERSUS_COLUMNS))
     return out.round({c: 4 for c in ("mean_a", "mean_b", "mean_diff", "ci_low", "ci_high")})
 
 

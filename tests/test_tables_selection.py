@@ -328,6 +328,8 @@ def test_versus_pairs_two_sweeps_and_names_what_differs(tmp_path: Path, run_cli)
     assert rows.at["Al->Be", "mean_diff"] == pytest.approx(2.1)
     assert rows.at["Be->Al", "mean_diff"] == pytest.approx(2.55)
     assert rows.at["all", "mean_diff"] == pytest.approx((2.0 + 2.1 + 2.2 + 2.5 + 2.6) / 5)
+    assert rows.at["all", "mean_b"] - rows.at["all", "mean_a"] == pytest.approx(
+        rows.at["all", "mean_diff"], abs=1e-3)  # the `all` means are over the same pairs
     assert rows.at["Al->Be", "mean_a"] == pytest.approx(sum(base("Al->Be", s) + D[("Al->Be", s)]
                                                             for s in range(3)) / 3)
     assert rows.at["all", "p_value"] == pytest.approx(2 / 2**5)  # all 5 differences > 0, exact
