@@ -125,12 +125,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sweep B against sweep A, runs paired by task, method, norm and seed: per task the
         means, B - A and its 95% t interval, over all pairs a Wilcoxon signed-rank test; the
-        settings on which the sweeps differ head the table (versus.csv/.md)."""
+        settings on which the sweeps differ head the table (versus.csv/.md). With BIN runs on
+        both sides, also their gates (versus_gates.csv, .png and a section of versus.md)."""
+        from domadapt.analysis.report import versus_gates_report
         from domadapt.tables import write_versus
 
-        for path in write_versus(sweep_a, sweep_b, out if out is not None else sweep_b,
-                                 select=select):
+        out_dir = out if out is not None else sweep_b
+        for path in write_versus(sweep_a, sweep_b, out_dir, select=select):
             typer.echo(str(path))
+        if (figure := versus_gates_report(out_dir)) is not None:
+            typer.echo(str(figure))
 
 
 def _key_values(items: list[str], option: str) -> dict[str, Any]:

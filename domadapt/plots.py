@@ -96,22 +96,24 @@ def gates_figure(values: Sequence[np.ndarray], layers: Sequence[str], title: str
     return fig
 
 
-def gates_sweep_figure(gates: pd.DataFrame, title: str) -> Figure:
-    """BIN gates of a sweep (`tables.gates_frame`), one colour per setting/method: left, per
-    layer depth the mean rho over runs (solid) and the lowest rho of any run (dotted); right,
-    the share of all gates (every layer, run) in each tenth of [0, 1], log scale: a bimodal
-    distribution shows mass in both end bins."""
+def gates_sweep_figure(gates: pd.DataFrame, title: str,
+                       by: Sequence[str] = ("setting", "method", "norm")) -> Figure:
+    """BIN gates of a sweep (`tables.gates_frame`), one colour per group of the `by` columns
+    (e.g. also `sweep` for `tables.versus_gates`): left, per layer depth the mean rho over runs
+    (solid) and the lowest rho of any run (dotted); right, the share of all gates (every
+    layer, run) in each tenth of [0, 1], log scale: a bimodal distribution shows mass in both
+    end bins."""
     from matplotlib.ticker import MaxNLocator
 
     hist = [c for c in gates.columns if c.startswith("hist_")]
-    groups = list(gates.groupby(["setting", "method", "norm"], sort=True))
+    groups = list(gates.groupby(list(by), sort=True))
     fig = new_figure(12.0, 4.6)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
     width = 0.8 / max(len(groups), 1)
-    for i, ((setting, method, norm), g) in enumerate(groups):
+    for i, (values, g) in enumerate(groups):
         runs = int(g["n_runs"].max())
         color = _colors(len(groups))[i]
-        label = f"{setting} {method} {norm} ({runs} run{'s' if runs != 1 else ''})"
+        label = f"{' '.join(map(str, values))} ({runs} run{'s' if runs != 1 else ''})"
         g = g.sort_values("depth")
         left.plot(g["depth"], g["mean"], color=color, marker="o", markersize=3, label=label)
         left.plot(g["depth"], g["min"], color=color, linestyle=":", linewidth=1)

@@ -29,7 +29,9 @@ Files written into the results directory:
 - `gates_by_layer.csv` (when BIN runs wrote gates.csv): the gates per layer, pooled over
   tasks and seeds per setting/method/norm (`gates_frame`); `domadapt compare` draws it.
 - `versus.csv/.md` (`write_versus`, `domadapt versus A B`, not part of a sweep's tables): one
-  sweep against another, runs paired by task, method, norm and seed.
+  sweep against another, runs paired by task, method, norm and seed; with BIN gate records on
+  both sides also `versus_gates.csv` (the paired runs' gates per layer and sweep,
+  `versus_gates`), whose network-wide totals are a section of versus.md.
 - `selection_table.csv/.md`: for every selection rule the runs recorded
   (`domadapt.selection`), the mean selected target accuracy per setting/method/norm and its
   regret (oracle - rule, percentage points); from log.csv, whatever `select` is.
@@ -53,7 +55,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -238,6 +240,24 @@ def gates_frame(runs: list[FinishedRun]) -> pd.DataFrame:
                  min=("min", "min"), **{c: (c, "mean") for c in fractions},
                  **{c: (c, "sum") for c in HIST_COLUMNS})
             .reset_index())
+
+
+def gate_totals_frame(runs: list[FinishedRun]) -> pd.DataFrame:
+    """Per setting, method and norm of the runs with gates.csv: n_runs and the mean over runs
+    of each run's network-wide gate totals (`analysis.gates.gate_totals`: mean rho and the
+    shares of gates below LOW / above HIGH, every channel weighted equally). Empty without
+    such runs."""
+    from domadapt.analysis.gates import RECORD, gate_totals
+
+    rows = [{**{k: run.config[k] for k in ("setting", "method", "norm")},
+             **gate_totals(pd.read_csv(run.run_dir / RECORD))}
+            for run in runs if (run.run_dir / RECORD).is_file()]
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).drop(columns=["layers", "channels"])
+    values = [c for c in frame.columns if c not in ("setting", "method", "norm")]
+    return (frame.groupby(["setting", "method", "norm"], sort=True)
+            .agg(n_runs=("mean", "size"), **{c: (c, "mean") for c in values}).reset_index())
 
 
 SCORE_COLUMNS = ["setting", "row", "method", "norm", "seed", "acc"]
@@ -674,12 +694,42 @@ def versus_frame(a: tuple[Layout, list[FinishedRun]], b: tuple[Layout, list[Fini
 
 VERSUS_COLUMNS = ("setting", "method", "norm", "row", "n", "mean_a", "mean_b", "mean_diff",
                   "ci_low", "ci_high", "n_zero", "W", "p_value", "p_method")
+VERSUS_GATES = "versus_gates.csv"
+
+
+def _cell_key(run: FinishedRun) -> tuple[Any, ...]:
+    """What pairs a run with its partner in another sweep: setting, task, method, norm, seed."""
+    return tuple(run.config.get(k) for k in ("setting", "source", "target", "method", "norm",
+                                              "seed"))
+
+
+def versus_gates(a: list[FinishedRun], b: list[FinishedRun]
+                 ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The BIN gates of the runs of sweeps A and B that have a partner in the other (same
+    setting, task, method, norm and seed), so both sides pool the same cells: (per layer,
+    `gates_frame` columns; totals, `gate_totals_frame` columns), each with `sweep` = "A" or
+    "B" first. Both empty unless paired runs of both sweeps have gates.csv."""
+    shared = {_cell_key(r) for r in a} & {_cell_key(r) for r in b}
+    paired = {label: [r for r in runs if _cell_key(r) in shared]
+              for label, runs in (("A", a), ("B", b))}
+
+    def pooled(frame_of: Callable[[list[FinishedRun]], pd.DataFrame]) -> pd.DataFrame:
+        parts = [frame_of(runs).assign(sweep=label) for label, runs in paired.items()]
+        parts = [p for p in parts if len(p)]
+        if len(parts) < 2:  # gates on one side only: nothing to set them against
+            return pd.DataFrame()
+        frame = pd.concat(parts, ignore_index=True)
+        return frame[["sweep", *frame.columns.drop("sweep")]]
+
+    return pooled(gates_frame), pooled(gate_totals_frame)
 
 
 def write_versus(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path,
                  select: str = "last") -> list[Path]:
     """versus.csv/.md in `out_dir`: sweep B against sweep A (`versus_frame`), headed by the
-    settings on which they differ (`config_difference`). Returns the paths written."""
+    settings on which they differ (`config_difference`); with gate records on both sides also
+    versus_gates.csv and a gates section in versus.md (`versus_gates`). Returns the paths
+    written."""
     rule = get_rule(select)
     (la, ra, _), (lb, rb, _) = load_sweep(Path(a_dir)), load_sweep(Path(b_dir))
     table = versus_frame((la, ra), (lb, rb), rule.name)
@@ -706,8 +756,37 @@ def write_versus(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path,
             "pairs, the means, B - A and its 95% Student-t interval; row `all`: every pair "
             "and the two-sided Wilcoxon signed-rank test. A difference is a finding when its "
             "interval excludes 0 or p < 0.05 with the n shown.")
-    written.append(_write_markdown(shown, out_dir / "versus.md", "B against A", note, None))
+    sections = [("Accuracy", shown)]
+    layers, totals = versus_gates(ra, rb)
+    if not layers.empty:
+        written.append(_write_csv(layers.round(6), out_dir / VERSUS_GATES, index=False))
+        sections.append((GATES_SECTION, _gate_totals_table(totals)))
+    else:  # no gates now: a figure and table of an earlier `versus` into out_dir would mislead
+        for stale in (out_dir / VERSUS_GATES, (out_dir / VERSUS_GATES).with_suffix(".png")):
+            stale.unlink(missing_ok=True)
+    written.insert(1, _write_markdown_parts(out_dir / "versus.md", "B against A", note,
+                                            sections, None))
     return written
+
+
+GATES_SECTION = (
+    "BIN gates of the paired runs (mean over runs of each run's network-wide numbers, every "
+    "channel weighted equally; per layer in versus_gates.csv)")
+
+
+def _gate_totals_table(totals: pd.DataFrame) -> pd.DataFrame:
+    """`versus_gates` totals for Markdown: rho as 3 decimals, the shares in percent."""
+    from domadapt.analysis.gates import HIGH, LOW
+
+    return pd.DataFrame({
+        "sweep": totals["sweep"],
+        "method/norm": [f"{r['setting']} {r['method']}/{r['norm']}"
+                        for r in totals.to_dict("records")],
+        "runs": totals["n_runs"].astype(int),
+        "mean rho": totals["mean"].map("{:.3f}".format),
+        f"% rho < {LOW}": (100 * totals[f"frac_below_{LOW}"]).map("{:.2f}".format),
+        f"% rho > {HIGH}": (100 * totals[f"frac_above_{HIGH}"]).map("{:.1f}".format),
+    }).set_index("sweep")
 
 
 COMPARISON_NOTE = (

@@ -299,11 +299,9 @@ def test_stability_table_seed_std_and_late_swing(sweep: Path) -> None:
     assert "swing" in (sweep / "stability.md").read_text()
 
 
-def test_versus_pairs_two_sweeps_and_names_what_differs(tmp_path: Path, run_cli) -> None:
-    """B = the same grid at another lr, bin runs only, accuracies up by 2 + 0.1 seed points
-    (+0.5 on Be->Al, whose seed 2 is missing): five distinct positive differences, and `lr`
-    heads the table as what differs."""
-    a = make_sweep(tmp_path / "a")
+def make_lr_sweep(root: Path) -> Path:
+    """B for `versus`: the grid of `make_sweep` at another lr, bin runs only, accuracies up by
+    2 + 0.1 seed points (+0.5 on Be->Al, whose seed 2 is missing)."""
     dirs = []
     for (task, seed), d in D.items():
         if (task, seed) == ("Be->Al", 2):
@@ -312,12 +310,19 @@ def test_versus_pairs_two_sweeps_and_names_what_differs(tmp_path: Path, run_cli)
         cfg = make_config(dataset="toy", setting="transfer", source=TASKS[task][0],
                           target=TASKS[task][1], method="dann", norm="bin", seed=seed,
                           iters=30, lr=0.5)
-        dirs.append(write_run(tmp_path / "b", cfg, {"target_acc": last / 100},
-                              transfer_log(last, "bin")))
-    atomic_write_json(tmp_path / "b" / "sweep.json", {
+        dirs.append(write_run(root, cfg, {"target_acc": last / 100}, transfer_log(last, "bin")))
+    atomic_write_json(root / "sweep.json", {
         "command": "domadapt sweep --dataset toy --lr 0.5",
         "layout": Layout(**{**LAYOUT.__dict__, "norms": ("bin",), "multidomain": False}).to_dict(),
-        "runs": [str(d.relative_to(tmp_path / "b")) for d in dirs]})
+        "runs": [str(d.relative_to(root)) for d in dirs]})
+    return root
+
+
+def test_versus_pairs_two_sweeps_and_names_what_differs(tmp_path: Path, run_cli) -> None:
+    """B = `make_lr_sweep`: five distinct positive differences, and `lr` heads the table as
+    what differs."""
+    a = make_sweep(tmp_path / "a")
+    make_lr_sweep(tmp_path / "b")
     code, stdout, err = run_cli("versus", a, tmp_path / "b", "--out", tmp_path / "v")
     assert code == 0, err
     assert stdout.split() == [str(tmp_path / "v" / "versus.csv"), str(tmp_path / "v" / "versus.md")]
@@ -337,3 +342,46 @@ def test_versus_pairs_two_sweeps_and_names_what_differs(tmp_path: Path, run_cli)
     assert "lr: 0.01 (A) vs 0.5 (B)" in md and "+2.10" in md
     code, _, err = run_cli("versus", a, tmp_path / "nowhere")
     assert code != 0 and err.count("\n") == 1 and "nowhere" in err
+
+
+def test_versus_gates_pool_only_paired_runs(tmp_path: Path, run_cli) -> None:
+    """With gates.csv in the bin runs of both sweeps, versus pools each side's gates over the
+    runs that have a partner: A's gates are 1 in layer l0, B's 0, layer l1 is the same on both
+    sides; A's unpaired run (Be->Al seed 2) has all gates at 0.5 and must not count. Totals by
+    hand over 8 channels: A mean (4 + 2.5) / 8, B 2.5 / 8; shares below 0.1 1/8 vs 5/8, above
+    0.9 6/8 vs 2/8."""
+    import numpy as np
+
+    from domadapt.analysis.gates import RECORD, summarize_gates
+
+    a, b = make_sweep(tmp_path / "a"), make_lr_sweep(tmp_path / "b")
+    l1 = np.array([0.05, 0.5, 0.95, 1.0])
+    for sweep, l0 in ((a, 1.0), (b, 0.0)):
+        for run in (sweep / "runs").glob("*_bin_*"):
+            gates = {"l0": np.full(4, l0), "l1": l1}
+            if sweep == a and run.name.startswith("Beta-Alpha_dann_bin_s2-"):
+                gates = {"l0": np.full(4, 0.5), "l1": np.full(4, 0.5)}
+            summarize_gates(gates).to_csv(run / RECORD, index=False)
+    code, stdout, err = run_cli("versus", a, b, "--out", tmp_path / "v")
+    assert code == 0, err
+    assert stdout.split()[2:] == [str(tmp_path / "v" / "versus_gates.csv"),
+                                  str(tmp_path / "v" / "versus_gates.png")]
+    layers = pd.read_csv(tmp_path / "v" / "versus_gates.csv").set_index(["sweep", "layer"])
+    assert set(layers["norm"]) == {"bin"} and set(layers["n_runs"]) == {5}
+    assert layers.at[("A", "l0"), "mean"] == 1.0 and layers.at[("B", "l0"), "mean"] == 0.0
+    assert layers.at[("A", "l0"), "min"] == 1.0  # the unpaired run's 0.5 is left out
+    assert layers.at[("A", "l1"), "mean"] == pytest.approx(0.625)
+    assert layers.at[("B", "l0"), "hist_0.0_0.1"] == 20 and layers.at[("A", "l0"), "hist_0.9_1.0"] == 20
+    md = (tmp_path / "v" / "versus.md").read_text()
+    gates = md[md.index("## BIN gates"):]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:7]]
+            for line in gates.splitlines() if line.startswith("| A ") or line.startswith("| B ")}
+    assert rows == {"A": ["5", "0.812", "12.50", "75.0"], "B": ["5", "0.312", "62.50", "25.0"]}
+    # a later versus without gates on one side removes the stale gate files
+    for run in (b / "runs").glob("*"):
+        (run / RECORD).unlink()
+    code, stdout, err = run_cli("versus", a, b, "--out", tmp_path / "v")
+    assert code == 0, err
+    assert not (tmp_path / "v" / "versus_gates.csv").exists()
+    assert not (tmp_path / "v" / "versus_gates.png").exists()
+    assert "## BIN gates" not in (tmp_path / "v" / "versus.md").read_text()

@@ -322,3 +322,19 @@ def compare_report(sweep_dir: str | Path) -> list[Path]:
     if not written:
         raise UserError(f"{tables_dir / SUMMARY}: no finished results to plot")
     return written
+
+
+def versus_gates_report(out_dir: str | Path) -> Path | None:
+    """versus_gates.png beside the versus_gates.csv of `domadapt versus` (the gates of both
+    sweeps' paired runs, one colour per sweep and method); None when there is no such CSV."""
+    from domadapt import plots
+    from domadapt.tables import VERSUS_GATES
+
+    csv = Path(out_dir) / VERSUS_GATES
+    if not csv.is_file():
+        return None
+    plots.require_matplotlib()
+    fig = plots.gates_sweep_figure(pd.read_csv(csv), "BIN gates per layer — A vs B (paired runs)",
+                                   by=("sweep", "setting", "method", "norm"))
+    plots.save_png(fig, csv.with_suffix(".png"))
+    return csv.with_suffix(".png")
