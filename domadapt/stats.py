@@ -12,10 +12,16 @@ comparing norms), and differ only in the compared factor; the difference is a - 
   null distribution of the rank sum) when at most 50 non-zero differences remain and no two
   |d| are tied, else the normal approximation with tie correction (no continuity
   correction); `p_method` says which. Empty when no non-zero difference remains.
+- Over tasks: the per-task mean differences as the units, since the seeds of one task share
+  its data and are no independent draws of the task population: n tasks, the mean of the
+  task means, a t interval over them (n_tasks - 1 degrees of freedom) and the Wilcoxon test
+  of them. The more conservative of the two when the effect varies from task to task; with a
+  full grid (every task the same number of seeds) both have the same mean.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -105,9 +111,10 @@ def paired_comparison(
     `within` columns.
 
     per_task columns: *within, comparison ("factor a - b"), task, n, mean_diff, ci_low,
-    ci_high (t interval at `level`). overall columns: *within, comparison, n_pairs (all
-    tasks x seeds), n_zero, mean_diff, W, p_value, p_method (Wilcoxon, see the module
-    docstring).
+    ci_high (t interval at `level`). overall: two rows per `within` value (module docstring),
+    columns *within, comparison, unit, n, n_zero, mean_diff, ci_low, ci_high, W, p_value,
+    p_method: unit "pairs", n = all tasks x seeds, no interval; unit "tasks", n = tasks, the
+    interval and test over the per-task mean differences.
     """
     label = f"{factor} {a} - {b}"
     d = paired_differences(frame, factor, a, b, within=within, task=task, seed=seed,
@@ -121,12 +128,15 @@ def paired_comparison(
             lo, hi = t_interval(g["diff"], level)
             per_task.append({**head, "comparison": label, task: t, "n": len(g),
                              "mean_diff": g["diff"].mean(), "ci_low": lo, "ci_high": hi})
-        overall.append({**head, "comparison": label, "n_pairs": len(part),
-                        "mean_diff": part["diff"].mean() if len(part) else float("nan"),
-                        **wilcoxon_signed_rank(part["diff"].to_numpy())})
+        task_means = part.groupby(task, sort=True)["diff"].mean().to_numpy()
+        for unit, d, (lo, hi) in (("pairs", part["diff"].to_numpy(), (math.nan, math.nan)),
+                                  ("tasks", task_means, t_interval(task_means, level))):
+            overall.append({**head, "comparison": label, "unit": unit, "n": len(d),
+                            "mean_diff": d.mean() if len(d) else math.nan, "ci_low": lo,
+                            "ci_high": hi, **wilcoxon_signed_rank(d)})
     per_task_cols = [*within, "comparison", task, "n", "mean_diff", "ci_low", "ci_high"]
-    overall_cols = [*within, "comparison", "n_pairs", "n_zero", "mean_diff", "W", "p_value",
-                    "p_method"]
+    overall_cols = [*within, "comparison", "unit", "n", "n_zero", "mean_diff", "ci_low",
+                    "ci_high", "W", "p_value", "p_method"]
     return (pd.DataFrame(per_task, columns=per_task_cols),
             pd.DataFrame(overall, columns=overall_cols))
 

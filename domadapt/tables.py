@@ -80,7 +80,9 @@ RUN_COLUMNS = (
 ACC_COLUMNS = ("target_acc", "avg_acc")  # fractions in metrics.json, percent in tables
 STAT_COLUMNS = ("setting", "row", "method", "norm", "n_seeds", "mean", "std")
 BASELINE_METHOD = "source-only"
-ALL_PAIRS = "all"  # the `task` of a comparison's overall (tasks x seeds) row
+ALL_PAIRS = "all"  # the `task` of a comparison's overall row over all (task, seed) pairs
+OVER_TASKS = "task means"  # ... and of its row over the per-task mean differences
+OVERALL_ROWS = {"pairs": ALL_PAIRS, "tasks": OVER_TASKS}  # `stats.paired_comparison` units
 COMPARISON_COLUMNS = ("setting", "comparison", "within", "task", "n", "mean_diff", "ci_low",
                       "ci_high", "n_zero", "W", "p_value", "p_method")
 SELECTION_COLUMNS = ("rule", "uses_target_labels", "setting", "method", "norm", "target_acc",
@@ -320,7 +322,9 @@ def comparison_frame(scores: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     """COMPARISON_COLUMNS, per setting (`stats.all_comparisons` over the accuracies in
     percent, a row = a task or, multi-domain, a domain): for each comparison its per-task rows
     (n paired seeds, mean difference, 95% t interval) in table order, then a row with task
-    `all`: n = pairs over tasks x seeds, their mean difference and Wilcoxon signed-rank test."""
+    `all`: n = pairs over tasks x seeds, their mean difference and Wilcoxon signed-rank test,
+    and one with task `task means`: n = tasks, the per-task mean differences' mean, 95% t
+    interval and Wilcoxon test (`stats.paired_comparison`)."""
     method = (BASELINE_METHOD if BASELINE_METHOD in layout.methods or not layout.methods
               else layout.methods[0])
     order = {label: i for i, label in enumerate(
@@ -336,12 +340,14 @@ def comparison_frame(scores: pd.DataFrame, layout: Layout) -> pd.DataFrame:
             continue
         per_task, overall = all_comparisons(frame, baseline_norm=baseline_norm(layout),
                                             baseline_method=method)
-        for ov in overall.to_dict("records"):
-            mine = per_task[(per_task["comparison"] == ov["comparison"])
-                            & (per_task["within"] == ov["within"])]
+        if overall.empty:  # nothing to compare (e.g. one norm, one method)
+            continue
+        for (label, within), ov in overall.groupby(["comparison", "within"], sort=False):
+            mine = per_task[(per_task["comparison"] == label) & (per_task["within"] == within)]
             mine = mine.sort_values("task", key=lambda t: t.map(order), kind="stable")
             records += [{**r, "setting": setting} for r in mine.to_dict("records")]
-            records.append({**ov, "setting": setting, "task": ALL_PAIRS, "n": ov["n_pairs"]})
+            records += [{**r, "setting": setting, "task": OVERALL_ROWS[r["unit"]]}
+                        for r in ov.to_dict("records")]
     out = pd.DataFrame(records, columns=list(COMPARISON_COLUMNS))
     return out.round({"mean_diff": 4, "ci_low": 4, "ci_high": 4})
 
@@ -440,16 +446,17 @@ def display_table(stats: pd.DataFrame, rows: list[str], diffs: dict[str, tuple[s
         both = delta.reindex(rows).dropna()
         test = tests.get(name, {})
         table.at[count_row, name] = (f"{int((both >= 0).sum())}/{len(both)} "
-                                     f"(p={_p(test.get('p_value', math.nan))}, "
+                                     f"({_p(test.get('p_value', math.nan))}, "
                                      f"n={int(test.get('n', 0))})")
     return table
 
 
 def _tests(comparison: pd.DataFrame, names: dict[str, tuple[str, str]]
            ) -> dict[str, dict[str, Any]]:
-    """`names`: diff column -> (comparison, within or "" for any) -> its `all` row, where one
-    row matches."""
-    overall = comparison[comparison["task"] == ALL_PAIRS]
+    """`names`: diff column -> (comparison, within or "" for any) -> its `task means` row
+    (the test over the per-row mean differences, which the count row counts), where one row
+    matches."""
+    overall = comparison[comparison["task"] == OVER_TASKS]
     out = {}
     for name, (label, within) in names.items():
         hit = overall[(overall["comparison"] == label)
@@ -554,7 +561,8 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
         note = (f"{what.capitalize()} in percent, mean ± std over seeds (sample std; the mean "
                 f"alone for one seed). `X - {base}`: difference of means; `{count_label(layout)}`:"
                 f" rows where X's mean is at least {base}'s, beside it the two-sided Wilcoxon "
-                f"signed-rank p over all n paired (row, seed) differences (comparison{sfx}.md). "
+                f"signed-rank p over those n rows' mean paired differences (comparison{sfx}.md, "
+                f"`{OVER_TASKS}`; there also the test over all (row, seed) pairs). "
                 f"`{AVG}`: over the seeds that finished every row. {chosen}")
         heading = f"{title} accuracy (%) on {layout.dataset}"
         if rule.name != "last":
@@ -666,7 +674,8 @@ def versus_frame(a: tuple[Layout, list[FinishedRun]], b: tuple[Layout, list[Fini
     the domain), method, norm and seed, accuracies in percent at the evaluation `select`
     picks. Per (setting, method, norm) and row: n pairs, the means of A and B, B - A with its
     95% t interval; then a row `all` with every pair over rows x seeds and the two-sided
-    Wilcoxon signed-rank test (`stats.paired_comparison`). Only pairs present in both count."""
+    Wilcoxon signed-rank test, and a row `task means` over the rows' mean differences
+    (`stats.paired_comparison`). Only pairs present in both count."""
     sides = []
     for label, (layout, runs) in (("A", a), ("B", b)):
         scores, _ = selected_scores(runs, layout, select)
@@ -681,12 +690,14 @@ def versus_frame(a: tuple[Layout, list[FinishedRun]], b: tuple[Layout, list[Fini
                               values="acc").dropna().reset_index()
     rows = per_row.merge(pairs.groupby(list(VERSUS_KEYS))[["A", "B"]].mean().reset_index(),
                          on=list(VERSUS_KEYS))
-    alls = overall.merge(pairs.groupby(group)[["A", "B"]].mean().reset_index(), on=group)
+    means = pd.concat([pairs.groupby(group)[["A", "B"]].mean().assign(unit="pairs"),
+                       rows.groupby(group)[["A", "B"]].mean().assign(unit="tasks")])
+    overall = overall.merge(means.reset_index(), on=[*group, "unit"])
     records = []
-    for ov in alls.to_dict("records"):  # each group's rows, then its `all` row (over pairs)
-        mine = rows[(rows[group] == pd.Series({k: ov[k] for k in group})).all(axis=1)]
-        records += mine.to_dict("records")
-        records.append({**ov, "row": ALL_PAIRS, "n": ov["n_pairs"]})
+    for key, ov in overall.groupby(group, sort=False):  # a group's rows, then its overall rows
+        records += rows[(rows[group] == pd.Series(dict(zip(group, key, strict=True))))
+                        .all(axis=1)].to_dict("records")
+        records += [{**r, "row": OVERALL_ROWS[r["unit"]]} for r in ov.to_dict("records")]
     out = pd.DataFrame(records).rename(columns={"A": "mean_a", "B": "mean_b"})
     out = out.reindex(columns=list(VERSUS_COLUMNS))
     return out.round({c: 4 for c in ("mean_a", "mean_b", "mean_diff", "ci_low", "ci_high")})
@@ -747,15 +758,17 @@ def write_versus(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path,
         "B - A": [_signed(v, 2) for v in table["mean_diff"]],
         "95% CI (t)": [_interval(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"],
                                                            strict=True)],
-        "Wilcoxon signed-rank": [_wilcoxon(r) if r["row"] == ALL_PAIRS else ""
+        "Wilcoxon signed-rank": [_wilcoxon(r) if r["row"] in OVERALL_ROWS.values() else ""
                                  for r in table.to_dict("records")],
     }).set_index("method/norm")
     note = (f"A = `{a_dir}`, B = `{b_dir}`; they differ in {what}. Runs are paired by task "
             "(multi-domain: domain), method, norm and seed; accuracies in percent at the "
             f"evaluation `--select {rule.name}` picks ({RULE_TEXT[rule.name]}). Per task: n "
             "pairs, the means, B - A and its 95% Student-t interval; row `all`: every pair "
-            "and the two-sided Wilcoxon signed-rank test. A difference is a finding when its "
-            "interval excludes 0 or p < 0.05 with the n shown.")
+            "and the two-sided Wilcoxon signed-rank test; row `task means`: the tasks as the "
+            "units, the mean of their mean differences, its t interval over tasks and the "
+            "Wilcoxon test of those means. A difference is a finding when its interval "
+            "excludes 0 or p < 0.05 with the n shown.")
     sections = [("Accuracy", shown)]
     layers, totals = versus_gates(ra, rb)
     if not layers.empty:
@@ -795,8 +808,11 @@ COMPARISON_NOTE = (
     "their mean difference and a 95% confidence interval from Student's t, mean ± t_{0.975, "
     "n-1} sd / sqrt(n) (not a bootstrap; empty for one seed). Row `all`: n pairs over all "
     "tasks x seeds, their mean difference and a two-sided Wilcoxon signed-rank test (zero "
-    "differences dropped; p exact without ties up to 50 pairs, else the normal approximation; "
-    "multi-domain: the domains of one run share its model, so read that p as descriptive). "
+    "differences dropped; p exact without ties up to 50 pairs, else the normal approximation). "
+    "Row `task means`: the tasks as the units (the seeds of one task share its data): n tasks, "
+    "the mean of their mean differences, its 95% t interval over tasks and the Wilcoxon test of "
+    "those n means; the more conservative row when the effect varies between tasks. "
+    "Multi-domain: the domains of one run share its model, so read its p as descriptive. "
     "A difference is a finding when its interval excludes 0 or p < 0.05 with the n shown; a "
     "single seed's difference is not.")
 
@@ -824,7 +840,7 @@ def _comparison_sections(comparison: pd.DataFrame) -> list[tuple[str, pd.DataFra
             "mean diff": [_signed(v, 2) for v in part["mean_diff"]],
             "95% CI (t)": [_interval(lo, hi) for lo, hi in zip(part["ci_low"], part["ci_high"],
                                                                strict=True)],
-            "Wilcoxon signed-rank": [_wilcoxon(r) if r["task"] == ALL_PAIRS else ""
+            "Wilcoxon signed-rank": [_wilcoxon(r) if r["task"] in OVERALL_ROWS.values() else ""
                                      for r in part.to_dict("records")],
         }, index=pd.Index([f"{c} ({w})" for c, w in zip(part["comparison"], part["within"],
                                                         strict=True)], name="comparison"))
@@ -988,18 +1004,18 @@ def _interval(low: float, high: float) -> str:
 
 
 def _p(p: float) -> str:
-    """A p-value for a table cell: 2 decimals from 0.1, else 2 significant digits (0.049 and
-    0.051 stay apart), `<0.001`, `n/a` when untested."""
+    """A p-value for a table cell: `p=` and 2 decimals from 0.1, else 2 significant digits
+    (0.049 and 0.051 stay apart); `p<0.001`; `p=n/a` when untested."""
     if pd.isna(p):
-        return "n/a"
-    return "<0.001" if p < 0.001 else f"{p:.2g}" if p < 0.1 else f"{p:.2f}"
+        return "p=n/a"
+    return "p<0.001" if p < 0.001 else f"p={p:.2g}" if p < 0.1 else f"p={p:.2f}"
 
 
 def _wilcoxon(row: dict[str, Any]) -> str:
     if pd.isna(row["p_value"]):
         return f"no test ({int(row['n_zero'])} zero differences)" if row["n"] else ""
     zeros = f", {int(row['n_zero'])} zero dropped" if row["n_zero"] else ""
-    return f"p={_p(row['p_value'])} ({row['p_method']}), W={row['W']:g}{zeros}"
+    return f"{_p(row['p_value'])} ({row['p_method']}), W={row['W']:g}{zeros}"
 
 
 def _cell(value: Any) -> str:

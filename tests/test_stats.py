@@ -60,21 +60,35 @@ def test_per_task_t_interval_matches_the_hand_computation():
 
 def test_overall_wilcoxon_matches_the_exact_distribution():
     _, overall = paired_comparison(_table(), "norm", "bin", "bn", within=["method"])
-    row = overall[overall.method == "dann"].iloc[0]
+    row = overall[(overall.method == "dann") & (overall.unit == "pairs")].iloc[0]
     # |d| ranks 1..6, the one negative difference (-0.5) has rank 1: W = 1; sign patterns
     # with a negative rank sum <= 1: {} and {1}, so p = 2 * 2 / 64 = 0.0625.
-    assert row["n_pairs"] == 6 and row["n_zero"] == 0 and row["W"] == 1
+    assert row["n"] == 6 and row["n_zero"] == 0 and row["W"] == 1
+    assert math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
     assert row["p_value"] == pytest.approx(0.0625)
     assert row["p_value"] == pytest.approx(_exact_two_sided_p(list(DIFFS.values())))
     assert row["p_method"] == "exact"
     assert row["mean_diff"] == pytest.approx(sum(DIFFS.values()) / 6)
 
 
+def test_over_tasks_the_task_means_are_the_units():
+    """The `tasks` row: per-task mean differences T1 2.0, T2 17/6; their mean, a t interval
+    with 1 degree of freedom, and the exact Wilcoxon p of two positive values (2 / 4)."""
+    _, overall = paired_comparison(_table(), "norm", "bin", "bn", within=["method"])
+    row = overall[(overall.method == "dann") & (overall.unit == "tasks")].iloc[0]
+    means = np.array([2.0, 8.5 / 3])
+    half = 12.706204736174707 * means.std(ddof=1) / math.sqrt(2)  # t_{0.975, 1}
+    assert row["n"] == 2 and row["mean_diff"] == pytest.approx(means.mean())
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((means.mean() - half,
+                                                             means.mean() + half))
+    assert row["W"] == 0 and row["p_value"] == pytest.approx(0.5) and row["p_method"] == "exact"
+
+
 def test_zero_differences_are_dropped_and_counted():
     # source-only: bin - bn = 0 at seed 0, 1 at seeds 1 and 2 (tied |d|): 4 pairs remain.
     _, overall = paired_comparison(_table(), "norm", "bin", "bn", within=["method"])
-    row = overall[overall.method == "source-only"].iloc[0]
-    assert row["n_pairs"] == 6 and row["n_zero"] == 2
+    row = overall[(overall.method == "source-only") & (overall.unit == "pairs")].iloc[0]
+    assert row["n"] == 6 and row["n_zero"] == 2
     assert row["p_method"] == "normal approximation"
     # 4 tied values of rank 2.5, all positive: W = 0, mean 5, tie-corrected variance
     # 4*5*9/24 - (4^3 - 4)/48 = 7.5 - 1.25 = 6.25; z = -5/2.5 = -2.
@@ -98,7 +112,10 @@ def test_ci_is_empty_with_one_seed_and_unpaired_runs_are_dropped():
     per_task, overall = paired_comparison(frame, "norm", "bin", "bn", within=["method"])
     t1 = per_task[(per_task.method == "dann") & (per_task.task == "T1")].iloc[0]
     assert t1["n"] == 1 and math.isnan(t1["ci_low"]) and math.isnan(t1["ci_high"])
-    assert overall[overall.method == "dann"].iloc[0]["n_pairs"] == 3
+    dann = overall[overall.method == "dann"].set_index("unit")
+    assert dann.at["pairs", "n"] == 3 and dann.at["tasks", "n"] == 2
+    # over tasks: T1's one difference (1.0) and T2's mean of -0.5 and 4.0 count once each
+    assert dann.at["tasks", "mean_diff"] == pytest.approx((1.0 + 1.75) / 2)
 
 
 def test_all_differences_zero_leaves_the_p_value_empty():
@@ -118,6 +135,6 @@ def test_all_comparisons_stacks_norm_and_method_pairs():
         ("norm bin - bn", "method=dann"), ("norm bin - bn", "method=source-only"),
         ("method dann - source-only", "norm=bin"), ("method dann - source-only", "norm=bn")}
     bn = overall[(overall.comparison == "method dann - source-only")
-                 & (overall.within == "norm=bn")].iloc[0]
-    assert bn["mean_diff"] == pytest.approx(5.0) and bn["n_pairs"] == 6
+                 & (overall.within == "norm=bn") & (overall.unit == "pairs")].iloc[0]
+    assert bn["mean_diff"] == pytest.approx(5.0) and bn["n"] == 6
     assert len(per_task) == 4 * 2  # 4 comparisons x 2 tasks

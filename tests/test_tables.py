@@ -103,11 +103,16 @@ def test_transfer_table_mean_std_diff_and_count(full_sweep: Path) -> None:
     # Avg: per seed the mean over tasks, then mean ± std over seeds
     assert t.at["Avg", "dann/bn"] == "54.0 ± 2.1"  # seeds: 52.5, 55.5
     assert t.at["Avg", "source-only BIN - BN"] == "+1.5"
-    # beside each count its Wilcoxon test over tasks x seeds: source-only d = (5, 5, -2, -2),
-    # tied |d|: normal approximation, W = 3, z = -2 / sqrt(7.25), p = 0.458
-    assert t.at["BIN >= BN", "source-only BIN - BN"] == "1/2 (p=0.46, n=4)"
-    # dann d = (10, 6, 0, 0): zeros dropped, exact with 2 pairs: p = 2 * 1/4
-    assert t.at["BIN >= BN", "dann BIN - BN"] == "2/2 (p=0.50, n=4)"  # a tie counts
+    # beside each count the Wilcoxon test of the tasks' mean differences: source-only
+    # (5, -2): W = 1, exact p = 2 * 2/4 = 1; dann (8, 0): the zero dropped, one value left,
+    # p = 1 (a tie counts as >=)
+    assert t.at["BIN >= BN", "source-only BIN - BN"] == "1/2 (p=1.00, n=2)"
+    assert t.at["BIN >= BN", "dann BIN - BN"] == "2/2 (p=1.00, n=2)"
+    # comparison.csv keeps the test over tasks x seeds: source-only d = (5, 5, -2, -2), tied
+    # |d|: normal approximation, W = 3, z = -2 / sqrt(7.25), p = 0.458
+    c = pd.read_csv(full_sweep / "comparison.csv")
+    row = c[(c.task == "all") & (c.within == "method=source-only")].iloc[0]
+    assert row["n"] == 4 and row["W"] == 3 and row["p_value"] == pytest.approx(0.4576, abs=1e-4)
     assert t.at["BIN >= BN", "dann/bn"] == ""
 
     summary = pd.read_csv(full_sweep / "summary.csv")
@@ -126,8 +131,14 @@ def test_multidomain_table_rows_are_domains(full_sweep: Path) -> None:
     assert t.at["Gamma", "BIN - BN"] == "-0.5"
     assert t.at["Avg", "bn"] == "80.0 ± 0.0"
     assert t.at["Avg", "bin"] == "84.8 ± 0.0"
-    # domains x seeds: d = (5, 5, 4.5, 15, 5, -5.5), W = 5, tie-corrected z = -5.5/sqrt(22.25)
-    assert t.at["BIN >= BN", "BIN - BN"] == "2/3 (p=0.24, n=6)"
+    # the domains' mean differences (Gamma's -0.5 and two positive ones): W = 1, exact
+    # p = 2 * 2/8; over domains x seeds, d = (5, 5, 4.5, 15, 5, -5.5): W = 5, tie-corrected
+    # z = -5.5/sqrt(22.25), p = 0.24
+    assert t.at["BIN >= BN", "BIN - BN"] == "2/3 (p=0.50, n=3)"
+    c = pd.read_csv(full_sweep / "comparison.csv")
+    row = c[(c.setting == "multidomain") & (c.task == "all")
+            & (c.comparison == "norm bin - bn")].iloc[0]
+    assert row["n"] == 6 and row["W"] == 5 and round(row["p_value"], 2) == 0.24
 
 
 def test_runs_csv_one_row_per_run_in_percent(full_sweep: Path) -> None:

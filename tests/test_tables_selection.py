@@ -205,7 +205,7 @@ def test_comparison_ci_and_p_value_by_hand(sweep: Path) -> None:
     write_tables(sweep)
     c = pd.read_csv(sweep / "comparison.csv", keep_default_na=False, na_values=[""])
     tr = c[(c.setting == "transfer") & (c.comparison == "norm bin - bn")].set_index("task")
-    assert list(tr.index) == ["Al->Be", "Be->Al", "all"]
+    assert list(tr.index) == ["Al->Be", "Be->Al", "all", "task means"]
     assert set(tr.within) == {"method=dann"}
     # Al->Be: d = (1, 2, 3): mean 2, sd 1 -> 2 -+ t_{0.975,2} / sqrt(3)
     assert tr.at["Al->Be", "n"] == 3 and tr.at["Al->Be", "mean_diff"] == pytest.approx(2.0)
@@ -222,12 +222,21 @@ def test_comparison_ci_and_p_value_by_hand(sweep: Path) -> None:
     assert tr.at["all", "p_value"] == pytest.approx(0.09375)
     assert tr.at["all", "p_method"] == "exact"
     assert tr.at["all", "mean_diff"] == pytest.approx(2.25)
-    # the count footer carries that test
+    assert math.isnan(tr.at["all", "ci_low"])
+    # task means: the tasks' mean differences 2 and 2.5 are the units: mean 2.25, t interval
+    # with 1 degree of freedom, exact Wilcoxon p of two positive values = 2 / 4
+    half = 12.706204736174707 * 0.5 / math.sqrt(2) / math.sqrt(2)
+    row = tr.loc["task means"]
+    assert row["n"] == 2 and row["mean_diff"] == pytest.approx(2.25)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((2.25 - half, 2.25 + half), abs=1e-4)
+    assert row["W"] == 0 and row["p_value"] == pytest.approx(0.5)
+    # the count footer counts tasks, so it carries the test over task means
     t = table(sweep / "transfer_table.csv")
-    assert t.at["BIN >= BN", "dann BIN - BN"] == "2/2 (p=0.094, n=6)"
+    assert t.at["BIN >= BN", "dann BIN - BN"] == "2/2 (p=0.50, n=2)"
     md = (sweep / "comparison.md").read_text()
-    assert "Student's t" in md and "p=0.094 (exact), W=2" in md
+    assert "Student's t" in md and "p=0.094 (exact), W=2" in md and "p=0.50 (exact), W=0" in md
     assert "[-0.48, +4.48]" in md  # 2 -+ 2.4841
+    assert "[-0.93, +5.43]" in md  # 2.25 -+ 3.1766
 
 
 def test_comparison_follows_the_selected_rule(sweep: Path) -> None:
@@ -239,7 +248,7 @@ def test_comparison_follows_the_selected_rule(sweep: Path) -> None:
     assert row["W"] == 0 and row["p_value"] == pytest.approx(2 / 64)
     assert row["mean_diff"] == pytest.approx(2.25 - 8)
     t = table(sweep / "transfer_table_select-entropy.csv")
-    assert t.at["BIN >= BN", "dann BIN - BN"] == "0/2 (p=0.031, n=6)"
+    assert t.at["BIN >= BN", "dann BIN - BN"] == "0/2 (p=0.50, n=2)"  # task means -6, -5.5
 
 
 def test_select_cli_and_bad_input(tmp_path: Path, run_cli) -> None:
@@ -375,7 +384,7 @@ def test_versus_gates_pool_only_paired_runs(tmp_path: Path, run_cli) -> None:
     md = (tmp_path / "v" / "versus.md").read_text()
     gates = md[md.index("## BIN gates"):]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:7]]
-            for line in gates.splitlines() if line.startswith("| A ") or line.startswith("| B ")}
+            for line in gates.splitlines() if line.startswith(("| A ", "| B "))}
     assert rows == {"A": ["5", "0.812", "12.50", "75.0"], "B": ["5", "0.312", "62.50", "25.0"]}
     # a later versus without gates on one side removes the stale gate files
     for run in (b / "runs").glob("*"):
