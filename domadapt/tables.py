@@ -21,8 +21,9 @@ Files written into the results directory:
   every norm vs the baseline norm (within each method) and every method vs `source-only`
   (within each norm): per task (row) n paired seeds, mean difference, 95% Student-t interval;
   per comparison (task = `all`) the number of pairs over tasks x seeds and a two-sided
-  Wilcoxon signed-rank test (W, p, exact or normal approximation). The `>= BN` footer of the
-  display tables carries that test's p and number of pairs beside its count.
+  Wilcoxon signed-rank test (W, p, exact or normal approximation), and (task = `task means`)
+  the same over the per-task mean differences with a t interval over tasks. The `>= BN`
+  footer of the display tables carries the `task means` test's p and n beside its count.
 - `stability.csv/.md`: per task and method/norm, the seed std of the reported accuracy and
   the swing of each run's target accuracy over its evaluations from mid-training on
   (`stability_frame`).
@@ -333,8 +334,8 @@ def comparison_frame(scores: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     for setting, *_ in TABLES:
         frame = scores[scores["setting"] == setting].rename(columns={"row": "task",
                                                                      "acc": "accuracy"})
-        # k/N in percent carries float noise (57.00000000000001): without it, equal
-        # differences tie and equal accuracies give a zero difference, as they should
+        # k/N in percent carries float noise (57.00000000000001): rounded, equal accuracies
+        # give a zero difference (and `stats` rounds the differences, so equal ones tie)
         frame["accuracy"] = frame["accuracy"].round(9)
         if frame.empty:
             continue
@@ -430,8 +431,8 @@ def display_table(stats: pd.DataFrame, rows: list[str], diffs: dict[str, tuple[s
     """Formatted table: "mean ± std" per column, then each diff column `name: (norm, baseline)`
     placed after its norm's column, and a `count_row` footer (e.g. `BIN >= BN`) counting the
     rows (not Avg) where the norm's mean is at least the baseline's, with the paired test of
-    that difference beside it: `7/12 (p=0.34, n=36)` (`tests[name]`: a comparison_frame `all`
-    row: Wilcoxon p over n pairs of rows x seeds; none: n=0)."""
+    that difference beside it: `7/12 (p=0.34, n=12)` (`tests[name]`: a comparison_frame
+    `task means` row: Wilcoxon p over the n rows' mean paired differences; none: n=0)."""
     tests = tests or {}
     mean = stats.pivot(index="row", columns="column", values="mean")
     std = stats.pivot(index="row", columns="column", values="std")
@@ -716,11 +717,17 @@ def _cell_key(run: FinishedRun) -> tuple[Any, ...]:
 
 def versus_gates(a: list[FinishedRun], b: list[FinishedRun]
                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The BIN gates of the runs of sweeps A and B that have a partner in the other (same
-    setting, task, method, norm and seed), so both sides pool the same cells: (per layer,
+    """The BIN gates of the runs of sweeps A and B whose partner in the other sweep (same
+    setting, task, method, norm and seed) has gate records too, so both sides pool the same
+    cells: (per layer,
     `gates_frame` columns; totals, `gate_totals_frame` columns), each with `sweep` = "A" or
     "B" first. Both empty unless paired runs of both sweeps have gates.csv."""
-    shared = {_cell_key(r) for r in a} & {_cell_key(r) for r in b}
+    from domadapt.analysis.gates import RECORD
+
+    def with_gates(runs: list[FinishedRun]) -> set[tuple[Any, ...]]:
+        return {_cell_key(r) for r in runs if (r.run_dir / RECORD).is_file()}
+
+    shared = with_gates(a) & with_gates(b)
     paired = {label: [r for r in runs if _cell_key(r) in shared]
               for label, runs in (("A", a), ("B", b))}
 
@@ -798,7 +805,7 @@ def _gate_totals_table(totals: pd.DataFrame) -> pd.DataFrame:
         "runs": totals["n_runs"].astype(int),
         "mean rho": totals["mean"].map("{:.3f}".format),
         f"% rho < {LOW}": (100 * totals[f"frac_below_{LOW}"]).map("{:.2f}".format),
-        f"% rho > {HIGH}": (100 * totals[f"frac_above_{HIGH}"]).map("{:.1f}".format),
+        f"% rho > {HIGH}": (100 * totals[f"frac_above_{HIGH}"]).map("{:.2f}".format),
     }).set_index("sweep")
 
 

@@ -1,4 +1,5 @@
-"""Paired comparisons: t intervals per task and Wilcoxon signed-rank over tasks x seeds."""
+"""Paired comparisons: t intervals per task; Wilcoxon signed-rank over tasks x seeds and over
+the per-task mean differences (with a t interval over tasks)."""
 
 from __future__ import annotations
 
@@ -138,3 +139,21 @@ def test_all_comparisons_stacks_norm_and_method_pairs():
                  & (overall.within == "norm=bn") & (overall.unit == "pairs")].iloc[0]
     assert bn["mean_diff"] == pytest.approx(5.0) and bn["n"] == 6
     assert len(per_task) == 4 * 2  # 4 comparisons x 2 tasks
+
+
+def test_float_noise_neither_hides_a_zero_nor_breaks_a_tie():
+    """50.1 - 50.0 and 70.1 - 70.0 differ in float arithmetic, and a task whose differences
+    are 0.1, 0.2, -0.3 has a float mean of ~1e-16: rounded, the first two tie (normal
+    approximation, not the exact test) and the task mean is a zero (dropped, counted)."""
+    rows = []
+    for task, seed, bn, bin_ in [("T1", 0, 50.0, 50.1), ("T1", 1, 70.0, 70.1),
+                                 ("T2", 0, 60.0, 60.1), ("T2", 1, 60.0, 60.2),
+                                 ("T2", 2, 60.3, 60.0), ("T3", 0, 40.0, 41.0)]:
+        rows += [{"task": task, "seed": seed, "norm": "bn", "accuracy": bn},
+                 {"task": task, "seed": seed, "norm": "bin", "accuracy": bin_}]
+    _, overall = paired_comparison(pd.DataFrame(rows), "norm", "bin", "bn")
+    pairs, tasks = (overall[overall.unit == u].iloc[0] for u in ("pairs", "tasks"))
+    assert pairs["n"] == 6 and pairs["n_zero"] == 0
+    assert pairs["p_method"] == "normal approximation"  # |0.1| three times: ties
+    assert tasks["n"] == 3 and tasks["n_zero"] == 1  # T2's mean difference is 0
+    assert tasks["mean_diff"] == pytest.approx((0.1 + 0.0 + 1.0) / 3)

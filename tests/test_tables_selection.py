@@ -347,6 +347,13 @@ def test_versus_pairs_two_sweeps_and_names_what_differs(tmp_path: Path, run_cli)
     assert rows.at["Al->Be", "mean_a"] == pytest.approx(sum(base("Al->Be", s) + D[("Al->Be", s)]
                                                             for s in range(3)) / 3)
     assert rows.at["all", "p_value"] == pytest.approx(2 / 2**5)  # all 5 differences > 0, exact
+    # task means: Al->Be 2.1, Be->Al 2.55 count once each; the means of A and B likewise
+    tm = rows.loc["task means"]
+    assert tm["n"] == 2 and tm["mean_diff"] == pytest.approx((2.1 + 2.55) / 2)
+    assert tm["mean_b"] - tm["mean_a"] == pytest.approx(tm["mean_diff"], abs=1e-3)
+    assert tm["mean_a"] == pytest.approx((rows.at["Al->Be", "mean_a"]
+                                          + rows.at["Be->Al", "mean_a"]) / 2, abs=1e-3)
+    assert tm["ci_low"] < tm["mean_diff"] < tm["ci_high"] and tm["p_value"] == pytest.approx(0.5)
     md = (tmp_path / "v" / "versus.md").read_text()
     assert "lr: 0.01 (A) vs 0.5 (B)" in md and "+2.10" in md
     code, _, err = run_cli("versus", a, tmp_path / "nowhere")
@@ -385,7 +392,7 @@ def test_versus_gates_pool_only_paired_runs(tmp_path: Path, run_cli) -> None:
     gates = md[md.index("## BIN gates"):]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:7]]
             for line in gates.splitlines() if line.startswith(("| A ", "| B "))}
-    assert rows == {"A": ["5", "0.812", "12.50", "75.0"], "B": ["5", "0.312", "62.50", "25.0"]}
+    assert rows == {"A": ["5", "0.812", "12.50", "75.00"], "B": ["5", "0.312", "62.50", "25.00"]}
     # a later versus without gates on one side removes the stale gate files
     for run in (b / "runs").glob("*"):
         (run / RECORD).unlink()
@@ -394,3 +401,23 @@ def test_versus_gates_pool_only_paired_runs(tmp_path: Path, run_cli) -> None:
     assert not (tmp_path / "v" / "versus_gates.csv").exists()
     assert not (tmp_path / "v" / "versus_gates.png").exists()
     assert "## BIN gates" not in (tmp_path / "v" / "versus.md").read_text()
+
+
+def test_versus_gates_need_records_on_both_sides(tmp_path: Path, run_cli) -> None:
+    """A cell counts only when both its runs wrote gates.csv: A has gates in every bin run
+    (all 1), B only in Al->Be seeds 0 and 1 (all 0), so each side pools those 2 runs."""
+    import numpy as np
+
+    from domadapt.analysis.gates import RECORD, summarize_gates
+
+    a, b = make_sweep(tmp_path / "a"), make_lr_sweep(tmp_path / "b")
+    for run in (a / "runs").glob("*_bin_*"):
+        summarize_gates({"l0": np.ones(4)}).to_csv(run / RECORD, index=False)
+    for seed in (0, 1):
+        run = next((b / "runs").glob(f"Alpha-Beta_dann_bin_s{seed}-*"))
+        summarize_gates({"l0": np.zeros(4)}).to_csv(run / RECORD, index=False)
+    code, _, err = run_cli("versus", a, b, "--out", tmp_path / "v")
+    assert code == 0, err
+    layers = pd.read_csv(tmp_path / "v" / "versus_gates.csv").set_index("sweep")
+    assert layers.at["A", "n_runs"] == 2 and layers.at["B", "n_runs"] == 2
+    assert layers.at["A", "mean"] == 1.0 and layers.at["B", "mean"] == 0.0
