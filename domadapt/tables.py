@@ -27,6 +27,9 @@ Files written into the results directory:
 - `stability.csv/.md`: per task and method/norm, the seed std of the reported accuracy and
   the swing of each run's target accuracy over its evaluations from mid-training on
   (`stability_frame`).
+- `trajectory.csv/.md`: per setting, method/norm and evaluated iteration, the mean over runs
+  (tasks x seeds) of the target accuracy and of the norm's diagnostics (e.g. `mean_gate`):
+  whether accuracy and gates have settled by the last iteration (`trajectory_frame`).
 - `gates_by_layer.csv` (when BIN runs wrote gates.csv): the gates per layer, pooled over
   tasks and seeds per setting/method/norm (`gates_frame`); `domadapt compare` draws it.
 - `versus.csv/.md` (`write_versus`, `domadapt versus A B`, not part of a sweep's tables): one
@@ -400,6 +403,27 @@ STABILITY_COLUMNS = ("setting", "row", "method", "norm", "n_seeds", "last_mean",
                      "swing_mean", "swing_max")
 
 
+def trajectory_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
+    """Per setting, method, norm and evaluated iteration, over the runs with a log.csv: n_runs,
+    the mean over runs (tasks x seeds) of the target accuracy (percent; multi-domain: the
+    domains' mean) and of the norm diagnostics the logs have (e.g. mean_gate). Only runs that
+    logged that iteration count, so compare iterations on a full grid."""
+    evals = evaluations_frame(runs, layout)
+    found = [k for _, kind in NORMS.items() for k in kind.diagnostic_names()
+             if k in evals.columns]
+    if evals.empty:
+        return pd.DataFrame(columns=[*TRAJECTORY_KEYS, "n_runs", "target_acc"])
+    evals = evals.assign(target_acc=100.0 * evals["target_acc"])
+    out = (evals.groupby(list(TRAJECTORY_KEYS), sort=True)
+           .agg(n_runs=("run", "size"), target_acc=("target_acc", "mean"),
+                **{k: (k, "mean") for k in dict.fromkeys(found)})
+           .reset_index().sort_values("setting", ascending=False, kind="stable"))
+    return out.round(4)
+
+
+TRAJECTORY_KEYS = ("setting", "method", "norm", "iter")
+
+
 # -- aggregation --------------------------------------------------------------------------------
 
 def aggregate(scores: pd.DataFrame, rows: list[str],
@@ -586,12 +610,27 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
     written.append(_write_markdown(
         stability.set_index("setting").round(1), out_dir / "stability.md",
         f"Stability of the reported numbers on {layout.dataset}", STABILITY_NOTE, command))
+    trajectory = trajectory_frame(runs, layout)
+    written.append(_write_csv(trajectory, out_dir / "trajectory.csv", index=False))
+    written.append(_write_markdown(
+        trajectory.set_index("setting").round({"target_acc": 1}),
+        out_dir / "trajectory.md", f"Accuracy and norm diagnostics over training on "
+        f"{layout.dataset}", TRAJECTORY_NOTE, command))
     if not (gates := gates_frame(runs)).empty:
         written.append(_write_csv(gates.round(6), out_dir / GATES_BY_LAYER, index=False))
     written.append(_write_markdown_parts(
         out_dir / "selection_table.md", f"Model selection on {layout.dataset}",
         _selection_note(runs, selection), _selection_sections(selection, layout), command))
     return written
+
+
+TRAJECTORY_NOTE = (
+    "Per method/norm and evaluated iteration, over the runs (tasks x seeds) that logged it: "
+    "n_runs, the mean target accuracy in percent (multi-domain: the domains' mean), and the "
+    "means of the norm's diagnostics (BIN: `mean_gate`, the mean gate "
+    "rho over all channels, and `gate_frac_below_0.1`). Still moving at the last iteration "
+    "means the schedule was too short for it to settle. Target accuracies here are read, "
+    "never used to choose anything.")
 
 
 STABILITY_NOTE = (

@@ -229,7 +229,7 @@ def test_tables_cli(full_sweep: Path, run_cli, tmp_path: Path) -> None:
     assert names == {"runs.csv", "summary.csv", "transfer_table.csv", "transfer_table.md",
                      "multidomain_table.csv", "multidomain_table.md", "comparison.csv",
                      "comparison.md", "selection_table.csv", "selection_table.md",
-                     "stability.csv", "stability.md"}
+                     "stability.csv", "stability.md", "trajectory.csv", "trajectory.md"}
     assert all((out / n).is_file() for n in names)
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
 

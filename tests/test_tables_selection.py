@@ -308,6 +308,28 @@ def test_stability_table_seed_std_and_late_swing(sweep: Path) -> None:
     assert "swing" in (sweep / "stability.md").read_text()
 
 
+def test_trajectory_means_per_iteration(sweep: Path) -> None:
+    """trajectory.csv: per method/norm and iteration the mean over the 6 transfer runs of
+    the target accuracy (by construction, bn: last - 10, last + 5, last at iters 10, 20, 30
+    with mean last 57; bin: last - 10, last - 3, last with mean last 57 + 2.25) and of the
+    logged diagnostics (mean_gate written here into the bin logs as 1 - iter / 100)."""
+    for run in (sweep / "runs").glob("*_bin_*"):
+        rd = RunDir(run)
+        log = rd.read_log()
+        rd.write_log(log.assign(mean_gate=1 - log["iter"] / 100).to_dict("records"))
+    write_tables(sweep)
+    tr = pd.read_csv(sweep / "trajectory.csv")
+    tr = tr[tr.setting == "transfer"].set_index(["norm", "iter"])
+    assert set(tr["n_runs"]) == {6}
+    for it, bn, bin_ in [(10, 47.0, 49.25), (20, 62.0, 56.25), (30, 57.0, 59.25)]:
+        assert tr.at[("bn", it), "target_acc"] == pytest.approx(bn)
+        assert tr.at[("bin", it), "target_acc"] == pytest.approx(bin_)
+        assert tr.at[("bin", it), "mean_gate"] == pytest.approx(1 - it / 100)
+        assert math.isnan(tr.at[("bn", it), "mean_gate"])
+    md = (sweep / "trajectory.md").read_text()
+    assert "mean_gate" in md and "settle" in md
+
+
 def make_lr_sweep(root: Path) -> Path:
     """B for `versus`: the grid of `make_sweep` at another lr, bin runs only, accuracies up by
     2 + 0.1 seed points (+0.5 on Be->Al, whose seed 2 is missing)."""
