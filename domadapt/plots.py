@@ -126,7 +126,8 @@ def gates_sweep_figure(gates: pd.DataFrame, title: str,
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("BIN layer depth (network order)")
     left.set_ylabel("gate ρ: mean over runs (solid), lowest (dotted)")
-    left.legend(loc="lower right", fontsize=7)
+    # the right panel's upper left is empty (few gates in the low bins): the legend goes there
+    right.legend(*left.get_legend_handles_labels(), loc="upper left", fontsize=7)
     right.set_yscale("log")
     right.set_xticks(np.arange(len(hist)), [f"{k / 10:.1f}" for k in range(len(hist))],
                      fontsize=7)
