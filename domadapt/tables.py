@@ -328,11 +328,13 @@ def comparison_frame(scores: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     (n paired seeds, mean difference, 95% t interval) in table order, then a row with task
     `all`: n = pairs over tasks x seeds, their mean difference and Wilcoxon signed-rank test,
     and one with task `task means`: n = tasks, the per-task mean differences' mean, 95% t
-    interval and Wilcoxon test (`stats.paired_comparison`)."""
+    interval and Wilcoxon test (`stats.paired_comparison`). Multi-domain adds, after the
+    domains, a row `Avg`: per run (seed) its mean over the domains, paired by seed, so the
+    independent units are the trained models (the domains of one run share its model)."""
     method = (BASELINE_METHOD if BASELINE_METHOD in layout.methods or not layout.methods
               else layout.methods[0])
     order = {label: i for i, label in enumerate(
-        [layout.task_label(s, t) for s, t in layout.tasks] + list(layout.domains))}
+        [layout.task_label(s, t) for s, t in layout.tasks] + list(layout.domains) + [AVG])}
     records: list[dict[str, Any]] = []
     for setting, *_ in TABLES:
         frame = scores[scores["setting"] == setting].rename(columns={"row": "task",
@@ -346,6 +348,12 @@ def comparison_frame(scores: pd.DataFrame, layout: Layout) -> pd.DataFrame:
                                             baseline_method=method)
         if overall.empty:  # nothing to compare (e.g. one norm, one method)
             continue
+        if setting == "multidomain":  # each run's mean over its domains, paired by seed
+            runs = (frame.groupby(["method", "norm", "seed"], as_index=False)["accuracy"]
+                    .mean().assign(task=AVG))
+            per_run, _ = all_comparisons(runs, baseline_norm=baseline_norm(layout),
+                                         baseline_method=method)
+            per_task = pd.concat([per_task, per_run], ignore_index=True)
         for (label, within), ov in overall.groupby(["comparison", "within"], sort=False):
             mine = per_task[(per_task["comparison"] == label) & (per_task["within"] == within)]
             mine = mine.sort_values("task", key=lambda t: t.map(order), kind="stable")
@@ -858,7 +866,9 @@ COMPARISON_NOTE = (
     "Row `task means`: the tasks as the units (the seeds of one task share its data): n tasks, "
     "the mean of their mean differences, its 95% t interval over tasks and the Wilcoxon test of "
     "those n means; the more conservative row when the effect varies between tasks. "
-    "Multi-domain: the domains of one run share its model, so read its p as descriptive. "
+    "Multi-domain: the domains of one run share its model, so read `all` and `task means` as "
+    "descriptive; its row `Avg` pairs each run's mean over the domains by seed, the trained "
+    "models being the independent units. "
     "A difference is a finding when its interval excludes 0 or p < 0.05 with the n shown; a "
     "single seed's difference is not.")
 

@@ -139,6 +139,14 @@ def test_multidomain_table_rows_are_domains(full_sweep: Path) -> None:
     row = c[(c.setting == "multidomain") & (c.task == "all")
             & (c.comparison == "norm bin - bn")].iloc[0]
     assert row["n"] == 6 and row["W"] == 5 and round(row["p_value"], 2) == 0.24
+    # Avg: the runs are the units, each run's mean over the domains paired by seed: BIN
+    # 254.5 / 3 against BN 80 at both seeds, so n = 2 with a zero-width interval
+    avg = c[(c.setting == "multidomain") & (c.task == "Avg")
+            & (c.comparison == "norm bin - bn")].iloc[0]
+    assert avg["n"] == 2 and avg["mean_diff"] == pytest.approx(254.5 / 3 - 80, abs=1e-4)
+    assert avg["ci_low"] == pytest.approx(avg["mean_diff"]) == avg["ci_high"]
+    domains = c[(c.setting == "multidomain") & (c.comparison == "norm bin - bn")]["task"]
+    assert list(domains) == ["Alpha", "Beta", "Gamma", "Avg", "all", "task means"]
 
 
 def test_runs_csv_one_row_per_run_in_percent(full_sweep: Path) -> None:
