@@ -125,8 +125,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sweep B against sweep A, runs paired by task, method, norm and seed: per task the
         means, B - A and its 95% t interval; over all pairs, and over the tasks' mean
-        differences (with a t interval), a Wilcoxon signed-rank test; the settings on which the sweeps differ head the table (versus.csv/.md). With BIN runs on
-        both sides, also their gates (versus_gates.csv, .png and a section of versus.md)."""
+        differences (with a t interval), a Wilcoxon signed-rank test; the settings on which
+        the sweeps differ head the table (versus.csv/.md). With BIN runs on both sides, also
+        their gates (versus_gates.csv, .png and a section of versus.md)."""
         from domadapt.analysis.report import versus_gates_report
         from domadapt.tables import write_versus
 

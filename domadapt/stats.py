@@ -15,7 +15,7 @@ comparing norms), and differ only in the compared factor; the difference is a - 
 - Over tasks: the per-task mean differences as the units, since the seeds of one task share
   its data and are no independent draws of the task population: n tasks, the mean of the
   task means, a t interval over them (n_tasks - 1 degrees of freedom) and the Wilcoxon test
-  of them. The more conservative of the two when the effect varies from task to task; with a
+  of them. Usually the more conservative of the two when the effect varies from task to task; with a
   full grid (every task the same number of seeds) both have the same mean.
 
 Differences and task means are rounded to `DECIMALS` decimals before testing, so float noise

@@ -766,9 +766,8 @@ def versus_gates(a: list[FinishedRun], b: list[FinishedRun]
                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The BIN gates of the runs of sweeps A and B whose partner in the other sweep (same
     setting, task, method, norm and seed) has gate records too, so both sides pool the same
-    cells: (per layer,
-    `gates_frame` columns; totals, `gate_totals_frame` columns), each with `sweep` = "A" or
-    "B" first. Both empty unless paired runs of both sweeps have gates.csv."""
+    cells: (per layer, `gates_frame` columns; totals, `gate_totals_frame` columns), each with
+    `sweep` = "A" or "B" first. Both empty unless paired runs of both sweeps have gates.csv."""
     from domadapt.analysis.gates import RECORD
 
     def with_gates(runs: list[FinishedRun]) -> set[tuple[Any, ...]]:
@@ -865,7 +864,7 @@ COMPARISON_NOTE = (
     "differences dropped; p exact without ties up to 50 pairs, else the normal approximation). "
     "Row `task means`: the tasks as the units (the seeds of one task share its data): n tasks, "
     "the mean of their mean differences, its 95% t interval over tasks and the Wilcoxon test of "
-    "those n means; the more conservative row when the effect varies between tasks. "
+    "those n means; usually the more conservative row when the effect varies between tasks. "
     "Multi-domain: the domains of one run share its model, so read `all` and `task means` as "
     "descriptive; its row `Avg` pairs each run's mean over the domains by seed, the trained "
     "models being the independent units. "
