@@ -1,4 +1,5 @@
-"""`domadapt gates | analyze | compare`: analysis of trained runs and sweeps (thin wrappers)."""
+"""`domadapt gates | analyze | compare | gate-knockout`: analysis of trained runs and sweeps (thin
+wrappers)."""
 
 from __future__ import annotations
 
@@ -82,8 +83,33 @@ def compare(
         typer.echo(f"wrote {path}")
 
 
+def gate_knockout(
+    sweep_dir: Annotated[Path, typer.Argument(
+        help="A sweep directory with BIN runs.", show_default=False)],
+    root: Annotated[str | None, typer.Option(
+        help="Dataset root, if not where the runs found it.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """What BIN's instance-normalised share carries: each BIN run scored with its gates as
+    trained and with every gate set to 1 (the batch path alone), beside the BN run of the same
+    task, method and seed.
+
+    Evaluates the runs that have a checkpoint and no gate_knockout.json yet (the record is kept
+    in the run directory), then writes gate_knockout.csv/.md beside the sweep's tables: paired
+    differences BIN - BIN gates=1, BIN gates=1 - BN, BIN - BN with t intervals and tests.
+    """
+    from domadapt.analysis.knockout import knockout_report
+    from domadapt.distributed import resolve_device
+
+    for path in knockout_report(sweep_dir, device=str(resolve_device(device)), root=root,
+                                quiet=quiet):
+        typer.echo(f"wrote {path}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
     app.command()(gates)
     app.command()(analyze)
     app.command()(compare)
+    app.command("gate-knockout")(gate_knockout)

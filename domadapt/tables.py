@@ -199,7 +199,7 @@ def runs_frame(runs: list[FinishedRun], layout: Layout, sweep_dir: Path) -> pd.D
             source=cfg["source"] if transfer else None,
             target=cfg["target"] if transfer else None,
             run_key=run.key,
-            run_dir=_relative(run.run_dir, sweep_dir),
+            run_dir=relative_path(run.run_dir, sweep_dir),
         )
         row.update({k: run.metrics.get(k) for k in columns if k not in row})
         for k in ACC_COLUMNS:
@@ -354,14 +354,24 @@ def comparison_frame(scores: pd.DataFrame, layout: Layout) -> pd.DataFrame:
             per_run, _ = all_comparisons(runs, baseline_norm=baseline_norm(layout),
                                          baseline_method=method)
             per_task = pd.concat([per_task, per_run], ignore_index=True)
-        for (label, within), ov in overall.groupby(["comparison", "within"], sort=False):
-            mine = per_task[(per_task["comparison"] == label) & (per_task["within"] == within)]
-            mine = mine.sort_values("task", key=lambda t: t.map(order), kind="stable")
-            records += [{**r, "setting": setting} for r in mine.to_dict("records")]
-            records += [{**r, "setting": setting, "task": OVERALL_ROWS[r["unit"]]}
-                        for r in ov.to_dict("records")]
+        records += stack_comparison(per_task, overall, setting, order)
     out = pd.DataFrame(records, columns=list(COMPARISON_COLUMNS))
     return out.round({"mean_diff": 4, "ci_low": 4, "ci_high": 4})
+
+
+def stack_comparison(per_task: pd.DataFrame, overall: pd.DataFrame, setting: str,
+                     order: dict[str, int]) -> list[dict[str, Any]]:
+    """COMPARISON_COLUMNS records of one setting from `stats` (per_task, overall) frames with
+    a `within` column: each comparison's per-task rows in `order`, then its overall rows
+    (task `all`, `task means`)."""
+    records: list[dict[str, Any]] = []
+    for (label, within), ov in overall.groupby(["comparison", "within"], sort=False):
+        mine = per_task[(per_task["comparison"] == label) & (per_task["within"] == within)]
+        mine = mine.sort_values("task", key=lambda t: t.map(order), kind="stable")
+        records += [{**r, "setting": setting} for r in mine.to_dict("records")]
+        records += [{**r, "setting": setting, "task": OVERALL_ROWS[r["unit"]]}
+                    for r in ov.to_dict("records")]
+    return records
 
 
 def selection_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
@@ -580,9 +590,9 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
     sfx = "" if rule.name == "last" else f"_select-{rule.name}"
     command = record.get("command")
     chosen = f"Evaluation reported per run (`--select {rule.name}`): {RULE_TEXT[rule.name]}."
-    written = [_write_csv(runs_frame(runs, layout, sweep_dir), out_dir / "runs.csv", index=False)]
+    written = [write_csv_atomic(runs_frame(runs, layout, sweep_dir), out_dir / "runs.csv", index=False)]
     if picked is not None:
-        written.append(_write_csv(_picked_frame(picked, rule.column, sweep_dir),
+        written.append(write_csv_atomic(_picked_frame(picked, rule.column, sweep_dir),
                                   out_dir / f"runs{sfx}.csv", index=False))
     stats = []
     for setting, build, title, what in TABLES:
@@ -600,33 +610,33 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
         heading = f"{title} accuracy (%) on {layout.dataset}"
         if rule.name != "last":
             heading += f", evaluation selected by {rule.label}"
-        written.append(_write_csv(table, out_dir / f"{setting}_table{sfx}.csv"))
+        written.append(write_csv_atomic(table, out_dir / f"{setting}_table{sfx}.csv"))
         written.append(_write_markdown(table, out_dir / f"{setting}_table{sfx}.md", heading,
                                        note, command))
     summary = (pd.concat(stats, ignore_index=True) if stats
                else pd.DataFrame(columns=list(STAT_COLUMNS)))
     summary = summary[list(STAT_COLUMNS)].round({"mean": 4, "std": 4})
-    written.append(_write_csv(summary, out_dir / f"summary{sfx}.csv", index=False))
-    written.append(_write_csv(comparison, out_dir / f"comparison{sfx}.csv", index=False))
-    written.append(_write_markdown_parts(
+    written.append(write_csv_atomic(summary, out_dir / f"summary{sfx}.csv", index=False))
+    written.append(write_csv_atomic(comparison, out_dir / f"comparison{sfx}.csv", index=False))
+    written.append(write_markdown_parts(
         out_dir / f"comparison{sfx}.md",
         f"Paired comparisons on {layout.dataset}, evaluation selected by {rule.label}",
-        COMPARISON_NOTE + " " + chosen, _comparison_sections(comparison), command))
-    written.append(_write_csv(selection, out_dir / "selection_table.csv", index=False))
+        COMPARISON_NOTE + " " + chosen, comparison_sections(comparison), command))
+    written.append(write_csv_atomic(selection, out_dir / "selection_table.csv", index=False))
     stability = stability_frame(runs, layout)
-    written.append(_write_csv(stability, out_dir / "stability.csv", index=False))
+    written.append(write_csv_atomic(stability, out_dir / "stability.csv", index=False))
     written.append(_write_markdown(
         stability.set_index("setting").round(1), out_dir / "stability.md",
         f"Stability of the reported numbers on {layout.dataset}", STABILITY_NOTE, command))
     trajectory = trajectory_frame(runs, layout)
-    written.append(_write_csv(trajectory, out_dir / "trajectory.csv", index=False))
+    written.append(write_csv_atomic(trajectory, out_dir / "trajectory.csv", index=False))
     written.append(_write_markdown(
         trajectory.set_index("setting").round({"target_acc": 1}),
         out_dir / "trajectory.md", f"Accuracy and norm diagnostics over training on "
         f"{layout.dataset}", TRAJECTORY_NOTE, command))
     if not (gates := gates_frame(runs)).empty:
-        written.append(_write_csv(gates.round(6), out_dir / GATES_BY_LAYER, index=False))
-    written.append(_write_markdown_parts(
+        written.append(write_csv_atomic(gates.round(6), out_dir / GATES_BY_LAYER, index=False))
+    written.append(write_markdown_parts(
         out_dir / "selection_table.md", f"Model selection on {layout.dataset}",
         _selection_note(runs, selection), _selection_sections(selection, layout), command))
     return written
@@ -803,7 +813,7 @@ def write_versus(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path,
     diff = config_difference(ra, rb)
     what = "; ".join(f"{k}: {va} (A) vs {vb} (B)" for k, (va, vb) in diff.items()) or "nothing"
     out_dir = Path(out_dir)
-    written = [_write_csv(table, out_dir / "versus.csv", index=False)]
+    written = [write_csv_atomic(table, out_dir / "versus.csv", index=False)]
     shown = pd.DataFrame({
         "method/norm": [f"{r['setting']} {r['method']}/{r['norm']}" for r in table.to_dict("records")],
         "task": table["row"], "n": table["n"].astype(int),
@@ -825,12 +835,12 @@ def write_versus(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path,
     sections = [("Accuracy", shown)]
     layers, totals = versus_gates(ra, rb)
     if not layers.empty:
-        written.append(_write_csv(layers.round(6), out_dir / VERSUS_GATES, index=False))
+        written.append(write_csv_atomic(layers.round(6), out_dir / VERSUS_GATES, index=False))
         sections.append((GATES_SECTION, _gate_totals_table(totals)))
     else:  # no gates now: a figure and table of an earlier `versus` into out_dir would mislead
         for stale in (out_dir / VERSUS_GATES, (out_dir / VERSUS_GATES).with_suffix(".png")):
             stale.unlink(missing_ok=True)
-    written.insert(1, _write_markdown_parts(out_dir / "versus.md", "B against A", note,
+    written.insert(1, write_markdown_parts(out_dir / "versus.md", "B against A", note,
                                             sections, None))
     return written
 
@@ -877,12 +887,12 @@ def _picked_frame(picked: pd.DataFrame, column: str | None, sweep_dir: Path) -> 
     cols = [*RUN_ID, "iter", "target_acc", *([column] if column != "target_acc" else []),
             "selected_by"]
     out = picked.reindex(columns=cols).rename(columns={"run": "run_dir"})
-    out["run_dir"] = [_relative(Path(d), sweep_dir) for d in out["run_dir"]]
+    out["run_dir"] = [relative_path(Path(d), sweep_dir) for d in out["run_dir"]]
     out["target_acc"] = 100.0 * out["target_acc"]
     return out
 
 
-def _comparison_sections(comparison: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+def comparison_sections(comparison: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     """One display table per setting: comparison (within), task, n, mean diff, 95% CI, test."""
     sections = []
     for setting, _, title, _ in TABLES:
@@ -995,7 +1005,7 @@ def _check_unique(runs: list[FinishedRun]) -> None:
         )
 
 
-def _write_csv(frame: pd.DataFrame, path: Path, index: bool = True) -> Path:
+def write_csv_atomic(frame: pd.DataFrame, path: Path, index: bool = True) -> Path:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=index)
     return path
@@ -1010,7 +1020,7 @@ def _write_markdown(table: pd.DataFrame, path: Path, heading: str, note: str,
     return path
 
 
-def _write_markdown_parts(path: Path, heading: str, note: str,
+def write_markdown_parts(path: Path, heading: str, note: str,
                           sections: list[tuple[str, pd.DataFrame]], command: str | None) -> Path:
     parts = [f"# {heading}\n", note + "\n"]
     for title, table in sections:
@@ -1037,7 +1047,7 @@ def _ordered(values: Iterable[str], canonical: tuple[str, ...]) -> tuple[str, ..
     return tuple(v for v in canonical if v in values) + tuple(sorted(values - set(canonical)))
 
 
-def _relative(path: Path, base: Path) -> str:
+def relative_path(path: Path, base: Path) -> str:
     try:
         return str(path.relative_to(base))
     except ValueError:

@@ -1,0 +1,183 @@
+"""Gate knockout: how much of a trained BIN model's accuracy its instance-normalised share carries.
+
+A BIN layer computes y = gamma * (rho * BN(x) + (1 - rho) * IN(x)) + beta. Setting every gate
+to 1 leaves y = gamma * BN(x) + beta in every layer: the same weights and running statistics,
+the batch path alone. Each BIN run is evaluated twice on its scored domains (transfer: the
+target; multi-domain: every domain's test split, averaged), with the gates as trained and with
+all gates = 1:
+
+    trained - gates=1   what the (1 - rho) * IN(x) share contributes at test time (~0 when the
+                        IN path is idle, e.g. gates at 1)
+    gates=1 - BN        the BIN model's batch path against the BN run of the same task, method
+                        and seed (did training with the IN share change the rest of the model?)
+    trained - BN        the usual BIN - BN difference (as in comparison.md)
+
+Each run's two accuracies go to RUN_DIR/gate_knockout.json (a small record, committed with the
+run), so the summary is rebuilt without checkpoints; evaluating needs the run's checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from domadapt.errors import UserError
+from domadapt.io import atomic_write_json, read_json
+
+RECORD = "gate_knockout.json"
+TRAINED, GATES_ONE, BN = "BIN", "BIN gates=1", "BN"
+COMPARISONS = ((TRAINED, GATES_ONE), (GATES_ONE, BN), (TRAINED, BN))
+MULTIDOMAIN_ROW = "Avg"  # a multi-domain run's mean over its domains, as in comparison.md
+COLUMNS = ("setting", "task", "method", "seed", "mean_gate", "acc_trained", "acc_gates_one",
+           "acc_bn", "run_dir")
+
+
+def set_gates(model: nn.Module, value: float) -> int:
+    """Set every BIN gate of `model` to `value` in place; returns the number of layers."""
+    from domadapt.nn import BatchInstanceNorm2d
+
+    layers = [m for m in model.modules() if isinstance(m, BatchInstanceNorm2d)]
+    with torch.no_grad():
+        for m in layers:
+            m.rho.fill_(value)
+    return len(layers)
+
+
+def knockout_run(run_dir: Path, *, device: str = "cpu", root: str | None = None,
+                 quiet: bool = False) -> dict[str, Any]:
+    """Evaluate a finished BIN run with its gates as trained and with all gates = 1; write
+    and return the record {"iters", "trained": {domain: acc}, "gates_one": {domain: acc}}
+    (accuracies as fractions)."""
+    from domadapt.analysis.report import analysis_sets, load_run
+    from domadapt.evaluation import accuracy, predict
+    from domadapt.progress import progress
+
+    cfg, model = load_run(run_dir, device)
+    if root is not None:
+        cfg = cfg.replace(root=str(Path(root).resolve()))
+    sets, scored, _ = analysis_sets(cfg)
+    record: dict[str, Any] = {"iters": cfg.iters}
+    for name, gates in (("trained", None), ("gates_one", 1.0)):
+        if gates is not None and set_gates(model, gates) == 0:
+            raise UserError(f"{run_dir}: the run has no BIN layers (norm={cfg.norm})")
+        record[name] = {}
+        for domain in progress(scored, quiet=quiet, desc=f"{run_dir.name} {name}", leave=False):
+            preds, labels = predict(model, sets[domain], batch_size=2 * cfg.batch_size,
+                                    num_workers=cfg.num_workers, device=torch.device(device))
+            record[name][domain] = accuracy(preds, labels)
+    atomic_write_json(run_dir / RECORD, record)
+    return record
+
+
+def knockout_frame(sweep_dir: Path, *, device: str = "cpu", root: str | None = None,
+                   quiet: bool = False) -> tuple[pd.DataFrame, int]:
+    """(one row per finished BIN run with a record, COLUMNS, accuracies in percent; the number
+    of BIN runs left out for want of both a record and a checkpoint). Runs without a record
+    are evaluated first (`knockout_run`)."""
+    from domadapt.progress import progress
+    from domadapt.rundir import RunDir
+    from domadapt.tables import load_sweep, relative_path
+
+    layout, runs, _ = load_sweep(sweep_dir)
+    bins = [r for r in runs if r.config["norm"] == "bin"]
+    if not bins:
+        raise UserError(f"{sweep_dir}: no finished BIN runs (train with --norm bin)")
+    records, missing = {}, 0
+    for run in progress(bins, quiet=quiet, desc="gate knockout"):
+        path = run.run_dir / RECORD
+        if path.is_file() and read_json(path).get("iters") == run.config["iters"]:
+            records[run.run_dir] = read_json(path)
+        elif RunDir(run.run_dir).checkpoint_path.is_file():
+            records[run.run_dir] = knockout_run(run.run_dir, device=device, root=root,
+                                                quiet=quiet)
+        else:
+            missing += 1
+
+    def cell(cfg: dict[str, Any]) -> tuple[Any, ...]:
+        task = (layout.task_label(cfg["source"], cfg["target"])
+                if cfg["setting"] == "transfer" else MULTIDOMAIN_ROW)
+        return cfg["setting"], task, cfg["method"], cfg["seed"]
+
+    bn = {cell(r.config): _percent(_scored(r.metrics)) for r in runs if r.config["norm"] == "bn"}
+    rows = [dict(zip(COLUMNS, (*cell(run.config), run.metrics.get("mean_gate"),
+                               _percent(rec["trained"]), _percent(rec["gates_one"]),
+                               bn.get(cell(run.config)), relative_path(run.run_dir, sweep_dir)),
+                     strict=True))
+            for run in bins if (rec := records.get(run.run_dir)) is not None]
+    return pd.DataFrame(rows, columns=list(COLUMNS)), missing
+
+
+def knockout_comparison(frame: pd.DataFrame) -> pd.DataFrame:
+    """`tables.COMPARISON_COLUMNS` for COMPARISONS within each setting and method: per task
+    the seeds' mean difference and t interval, then rows `all` (pairs) and `task means`
+    (`stats.paired_comparison`), in percentage points."""
+    from domadapt.stats import paired_comparison
+    from domadapt.tables import stack_comparison
+
+    long = frame.melt(id_vars=["setting", "task", "method", "seed"],
+                      value_vars=["acc_trained", "acc_gates_one", "acc_bn"],
+                      var_name="variant", value_name="accuracy").dropna(subset=["accuracy"])
+    long["variant"] = long["variant"].map({"acc_trained": TRAINED, "acc_gates_one": GATES_ONE,
+                                           "acc_bn": BN})
+    long["accuracy"] = long["accuracy"].round(9)
+    order = {t: i for i, t in enumerate(dict.fromkeys(frame["task"]))}
+    records: list[dict[str, Any]] = []
+    for (setting, method), part in long.groupby(["setting", "method"], sort=False):
+        for a, b in COMPARISONS:
+            per_task, overall = paired_comparison(part, "variant", a, b)
+            if per_task.empty:
+                continue
+            within = f"method={method}"
+            overall = overall[(overall["unit"] == "pairs") | (overall["n"] >= 2)]  # one task
+            records += stack_comparison(per_task.assign(within=within),
+                                        overall.assign(within=within), setting, order)
+    from domadapt.tables import COMPARISON_COLUMNS
+
+    return pd.DataFrame(records, columns=list(COMPARISON_COLUMNS)).round(
+        {"mean_diff": 4, "ci_low": 4, "ci_high": 4})
+
+
+NOTE = (
+    "Gate knockout (`domadapt.analysis.knockout`): every finished BIN run evaluated with its "
+    "gates as trained (`BIN`) and with every gate set to 1 (`BIN gates=1`: y = gamma BN(x) + "
+    "beta in every layer, the same weights), on the target (multi-domain: the mean over the "
+    "domains' test splits, row `Avg`), at the run's last iteration; `BN`: the BN run of the "
+    "same task, method and seed. `BIN - BIN gates=1` is what the instance-normalised share "
+    "(1 - rho) IN(x) contributes at test time; `BIN gates=1 - BN` compares the BIN model's "
+    "batch path with a BN model. Differences in percentage points, paired by task and seed; "
+    "intervals and tests as in comparison.md (row `task means`: the tasks as the units).")
+
+
+def knockout_report(sweep_dir: str | Path, *, device: str = "cpu", root: str | None = None,
+                    quiet: bool = False) -> list[Path]:
+    """gate_knockout.csv (one row per BIN run) and gate_knockout.md (the paired comparisons)
+    beside the sweep's tables (`report.find_tables`)."""
+    from domadapt.analysis.report import find_tables
+    from domadapt.tables import comparison_sections, write_csv_atomic, write_markdown_parts
+
+    sweep_dir = Path(sweep_dir)
+    tables_dir = find_tables(sweep_dir)
+    frame, missing = knockout_frame(sweep_dir, device=device, root=root, quiet=quiet)
+    if frame.empty:
+        raise UserError(f"{sweep_dir}: no BIN run has a {RECORD} or a checkpoint to evaluate")
+    note = NOTE + (f" {missing} BIN run(s) have neither a record nor a checkpoint and are "
+                   "left out." if missing else "")
+    csv = write_csv_atomic(frame.round(4), tables_dir / "gate_knockout.csv", index=False)
+    md = write_markdown_parts(tables_dir / "gate_knockout.md", "Gate knockout", note,
+                              comparison_sections(knockout_comparison(frame)),
+                              f"domadapt gate-knockout {sweep_dir}")
+    return [csv, md]
+
+
+def _scored(metrics: dict[str, Any]) -> dict[str, float]:
+    """The accuracies a run is scored on: {target: acc} or the multi-domain {domain: acc}."""
+    return metrics.get("domain_acc") or {"target": metrics["target_acc"]}
+
+
+def _percent(accs: dict[str, float]) -> float:
+    return 100.0 * sum(accs.values()) / len(accs)
+

@@ -1,0 +1,121 @@
+"""`domadapt gate-knockout`: BIN runs scored with their gates as trained and with every gate
+set to 1, beside the BN run of the same cell; records, summary and its paired comparisons."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from domadapt.analysis.knockout import RECORD, set_gates
+from domadapt.analysis.report import analysis_sets
+from domadapt.evaluation import accuracy, predict
+from domadapt.nn import BatchInstanceNorm2d
+from domadapt.norms import convert_norm
+from domadapt.train import load_trained
+
+TINY = ["--iters", "4", "--eval-every", "4", "--checkpoint-every", "4", "--batch-size", "8",
+        "--image-size", "16", "--resize-size", "18", "--device", "cpu", "--quiet"]
+
+
+def test_all_gates_one_is_the_bn_network() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), BatchInstanceNorm2d(6), torch.nn.ReLU(),
+                              torch.nn.Conv2d(6, 4, 3), BatchInstanceNorm2d(4))
+    x = torch.randn(8, 3, 10, 10)
+    net.train()(x)  # running statistics away from their initial values
+    for m in net.modules():
+        if isinstance(m, BatchInstanceNorm2d):
+            m.rho.data.uniform_(0, 1)
+    net.eval()
+    bn = convert_norm(copy.deepcopy(net), "bn").eval()
+    assert not torch.allclose(net(x), bn(x), atol=1e-3)  # the gates matter before...
+    assert set_gates(net, 1.0) == 2
+    torch.testing.assert_close(net(x), bn(x))  # ...and gates = 1 leaves the BN network
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """Two seeds of G:C under source-only and DANN with BN and BIN, and a multi-domain pair."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    out = tmp_path_factory.mktemp("knockout") / "sweep"
+    result = CliRunner().invoke(app, [
+        "sweep", "--dataset", "styledigits", "--preset", "styledigits", "--tasks", "G:C",
+        "--methods", "source-only,dann", "--norms", "bn,bin", "--seeds", "0,1", "--multidomain",
+        "--lr", "0.05", "--out", str(out), *TINY])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _bin_runs(sweep: Path) -> list[Path]:
+    runs = pd.read_csv(sweep / "runs.csv")
+    return [sweep / d for d in runs[runs.norm == "bin"].run_dir]
+
+
+def test_knockout_scores_each_bin_run_both_ways(sweep, run_cli) -> None:
+    code, stdout, err = run_cli("gate-knockout", sweep, "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert "gate_knockout.csv" in stdout and "gate_knockout.md" in stdout
+    runs = pd.read_csv(sweep / "runs.csv")
+    frame = pd.read_csv(sweep / "gate_knockout.csv")
+    assert len(frame) == (runs.norm == "bin").sum() == 6
+    for run_dir in _bin_runs(sweep):
+        record = json.loads((run_dir / RECORD).read_text())
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        cfg, model = load_trained(run_dir)
+        # the trained score is the run's own last evaluation, re-measured from its checkpoint
+        expected = metrics.get("domain_acc") or {cfg.target: metrics["target_acc"]}
+        assert record["trained"] == pytest.approx(expected, abs=1e-6)
+        sets, scored, _ = analysis_sets(cfg)
+        convert_norm(model, "bn")  # the BN network with the BIN run's weights
+        for domain in scored:
+            preds, labels = predict(model, sets[domain], batch_size=16, num_workers=0,
+                                    device=torch.device("cpu"))
+            assert record["gates_one"][domain] == pytest.approx(accuracy(preds, labels))
+    # BN column: the paired BN run's last accuracy (multi-domain: the domains' mean)
+    bn = runs[runs.norm == "bn"].set_index(["task", "method", "seed"])
+    for r in frame[frame.setting == "transfer"].itertuples():
+        assert r.acc_bn == pytest.approx(bn.loc[(r.task, r.method, r.seed), "target_acc"],
+                                         abs=1e-3)
+    multi = frame[frame.setting == "multidomain"]
+    assert list(multi.task) == ["Avg", "Avg"]
+    assert multi.acc_bn.notna().all()
+    md = (sweep / "gate_knockout.md").read_text()
+    for label in ("variant BIN - BIN gates=1 (method=dann)", "variant BIN gates=1 - BN",
+                  "task means", "domadapt gate-knockout"):
+        assert label in md
+
+
+def test_summary_is_rebuilt_from_records_without_checkpoints(sweep, run_cli) -> None:
+    code, _, err = run_cli("gate-knockout", sweep, "--quiet")
+    assert code == 0, err
+    before = (sweep / "gate_knockout.csv").read_text()
+    runs = _bin_runs(sweep)
+    for run_dir in runs:
+        (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    code, _, err = run_cli("gate-knockout", sweep, "--quiet")
+    assert code == 0, err
+    assert (sweep / "gate_knockout.csv").read_text() == before
+    (runs[0] / RECORD).unlink()  # neither a record nor a checkpoint: left out, and said so
+    code, _, err = run_cli("gate-knockout", sweep, "--quiet")
+    assert code == 0, err
+    assert len(pd.read_csv(sweep / "gate_knockout.csv")) == len(runs) - 1
+    assert "1 BIN run(s) have neither a record nor a checkpoint" in (
+        sweep / "gate_knockout.md").read_text()
+
+
+def test_a_sweep_without_bin_runs_is_one_line(run_cli, tmp_path) -> None:
+    code, _, err = run_cli("sweep", "--dataset", "styledigits", "--preset", "styledigits",
+                           "--tasks", "G:C", "--methods", "source-only", "--norms", "bn",
+                           "--seeds", "0", "--out", tmp_path / "s", *TINY)
+    assert code == 0, err
+    code, _, err = run_cli("gate-knockout", tmp_path / "s")
+    assert code != 0
+    assert err.strip().count("\n") == 0 and "no finished BIN runs" in err
