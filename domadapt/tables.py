@@ -305,6 +305,7 @@ def selected_scores(runs: list[FinishedRun], layout: Layout, select: str
     evals = evaluations_frame(runs, layout)
     if evals.empty:
         return scores_frame(runs, layout), evals.assign(selected_by=rule.label)
+    evals = evals[~evals["setting"].isin(unrecorded_settings(evals, rule.name))]
     picked = select_runs(evals, rule.name, ["run"])
     by_dir = {str(run.run_dir): run for run in runs}
     rows = []
@@ -374,6 +375,17 @@ def stack_comparison(per_task: pd.DataFrame, overall: pd.DataFrame, setting: str
     return records
 
 
+def unrecorded_settings(evals: pd.DataFrame, rule: str) -> set[str]:
+    """Settings none of whose runs recorded the column of `rule` while another setting's runs
+    did (multi-domain runs have no source hold-out, so no val_source / val_dev): that rule's
+    tables leave them out. Empty when no setting recorded it (the rule's check then refuses)."""
+    column = get_rule(rule).column
+    if column is None or column not in evals.columns:
+        return set()
+    has = evals[column].notna().groupby(evals["setting"]).any()
+    return set(has[~has].index) if has.any() else set()
+
+
 def selection_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
     """SELECTION_COLUMNS: `selection.selection_table` over the runs with a log.csv, per
     setting/method/norm, accuracies and regrets in percent (rules some run did not record are
@@ -381,7 +393,9 @@ def selection_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
     evals = evaluations_frame(runs, layout)
     if evals.empty:
         return pd.DataFrame(columns=list(SELECTION_COLUMNS))
-    table = selection_table(evals, ["run"], groups=("setting", "method", "norm"))
+    # per setting, so a rule one setting did not record still ranks the other's evaluations
+    table = pd.concat([selection_table(part, ["run"], groups=("setting", "method", "norm"))
+                       for _, part in evals.groupby("setting", sort=False)], ignore_index=True)
     table[["target_acc", "regret"]] *= 100.0
     return table[list(SELECTION_COLUMNS)].round({"target_acc": 4, "regret": 4})
 
@@ -590,13 +604,18 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
     sfx = "" if rule.name == "last" else f"_select-{rule.name}"
     command = record.get("command")
     chosen = f"Evaluation reported per run (`--select {rule.name}`): {RULE_TEXT[rule.name]}."
-    written = [write_csv_atomic(runs_frame(runs, layout, sweep_dir), out_dir / "runs.csv", index=False)]
+    written = [write_csv_atomic(runs_frame(runs, layout, sweep_dir), out_dir / "runs.csv",
+                                index=False)]
     if picked is not None:
         written.append(write_csv_atomic(_picked_frame(picked, rule.column, sweep_dir),
-                                  out_dir / f"runs{sfx}.csv", index=False))
+                                        out_dir / f"runs{sfx}.csv", index=False))
     stats = []
     for setting, build, title, what in TABLES:
         if not (layout.tasks if setting == "transfer" else layout.multidomain):
+            continue
+        if picked is not None and setting not in set(picked["setting"]):
+            chosen += (f" {title} runs did not record {rule.column}: no {setting} tables for "
+                       "this rule.")
             continue
         stat, table = build(scores, layout, comparison)
         stats.append(stat.assign(setting=setting))
@@ -914,15 +933,18 @@ def comparison_sections(comparison: pd.DataFrame) -> list[tuple[str, pd.DataFram
 
 
 def _selection_note(runs: list[FinishedRun], selection: pd.DataFrame) -> str:
-    recorded = {r.split(" ")[0] for r in selection["rule"]}
-    missing = [name for name in RULES if name not in recorded]
+    missing = []
+    for setting, part in selection.groupby("setting", sort=False):
+        recorded = {r.split(" ")[0] for r in part["rule"]}
+        if left := [name for name in RULES if name not in recorded]:
+            missing.append(f"{setting}: {', '.join(left)}")
     unlogged = sum(run.log is None for run in runs)
     return " ".join(filter(None, [
         ("Mean target accuracy (%) of the evaluation each rule selects, over the runs (tasks "
          "x seeds) of each method/norm (multi-domain: the domains' mean); in parentheses the "
          "regret, oracle - rule, in percentage points. The oracle picks by target accuracy: "
          "it USES TARGET LABELS, an upper bound, never the headline."),
-        f"Not recorded by every run, so left out: {', '.join(missing)}." if missing else "",
+        f"Not recorded by every run, so left out: {'; '.join(missing)}." if missing else "",
         f"{unlogged} finished run(s) without log.csv are not included." if unlogged else "",
     ]))
 

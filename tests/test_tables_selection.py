@@ -65,9 +65,11 @@ def write_run(sweep: Path, cfg: RunConfig, metrics: dict, log: list[dict] | None
 
 
 def make_sweep(sweep: Path, *, holdout: bool = True, no_log: bool = False,
-               old_log: bool = False) -> Path:
+               old_log: bool = False, md_holdout: bool | None = None) -> Path:
     """2 tasks x {bn, bin} x seeds 0-2 (dann) + multi-domain bn/bin seed 0. `no_log`: one run
-    lost its log.csv (a committed record); `old_log`: one run's log predates the val_* columns."""
+    lost its log.csv (a committed record); `old_log`: one run's log predates the val_* columns;
+    `md_holdout` (default `holdout`): whether the multi-domain runs logged val_source/val_dev."""
+    md_holdout = holdout if md_holdout is None else md_holdout
     dirs = []
     for (task, seed), d in D.items():
         for norm in ("bn", "bin"):
@@ -83,9 +85,9 @@ def make_sweep(sweep: Path, *, holdout: bool = True, no_log: bool = False,
             dirs.append(write_run(sweep, cfg, {"target_acc": last / 100}, log))
     for norm, evals in MD_LOG.items():
         log = [{"iter": 10 * (i + 1), "target_acc": sum(acc) / 3,
-                "val_source": 0.9 - 0.1 * i if holdout else None,
+                "val_source": 0.9 - 0.1 * i if md_holdout else None,
                 "val_entropy": [0.8, 0.2, 0.5][i], "val_snd": 3.0 - i,
-                "val_dev": [0.7, 0.1, 0.4][i] if holdout else None,
+                "val_dev": [0.7, 0.1, 0.4][i] if md_holdout else None,
                 **{f"acc_{d}": a for d, a in zip(LAYOUT.domains, acc, strict=True)}}
                for i, acc in enumerate(evals)]
         cfg = make_config(dataset="toy", setting="multidomain", method="source-only", norm=norm,
@@ -268,7 +270,25 @@ def test_select_cli_and_bad_input(tmp_path: Path, run_cli) -> None:
     # the selection table leaves out what was not recorded
     sel = pd.read_csv(sweep / "selection_table.csv")
     assert set(sel.rule) == {"last", "entropy", "snd", ORACLE}
-    assert "left out: source, dev" in (sweep / "selection_table.md").read_text()
+    assert "left out: transfer: source, dev; multidomain: source, dev" in (
+        sweep / "selection_table.md").read_text()
+
+
+def test_a_rule_one_setting_did_not_record_leaves_out_only_that_setting(tmp_path: Path,
+                                                                         run_cli) -> None:
+    # as the engine writes them: multi-domain runs have no source hold-out, transfer runs do
+    sweep = make_sweep(tmp_path / "s", md_holdout=False)
+    code, _, err = run_cli("tables", sweep, "--select", "dev")
+    assert code == 0, err
+    t = table(sweep / "transfer_table_select-dev.csv")
+    assert t.at["Al->Be", "dann/bn"] == mean_std([base("Al->Be", s) + 5.0 for s in range(3)])
+    assert not (sweep / "multidomain_table_select-dev.csv").exists()
+    assert "Multi-domain runs did not record val_dev" in (
+        sweep / "comparison_select-dev.md").read_text()
+    sel = pd.read_csv(sweep / "selection_table.csv")
+    assert {"source", "dev"} <= set(sel[sel.setting == "transfer"].rule)
+    assert set(sel[sel.setting == "multidomain"].rule) == {"last", "entropy", "snd", ORACLE}
+    assert "left out: multidomain: source, dev." in (sweep / "selection_table.md").read_text()
 
 
 def test_runs_without_log_or_with_an_old_log(tmp_path: Path, run_cli) -> None:
