@@ -613,7 +613,7 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
     for setting, build, title, what in TABLES:
         if not (layout.tasks if setting == "transfer" else layout.multidomain):
             continue
-        if picked is not None and setting not in set(picked["setting"]):
+        if picked is not None and not picked.empty and setting not in set(picked["setting"]):
             chosen += (f" {title} runs did not record {rule.column}: no {setting} tables for "
                        "this rule.")
             continue
