@@ -89,8 +89,9 @@ def knockout_frame(sweep_dir: Path, *, device: str = "cpu", root: str | None = N
     records, missing = {}, 0
     for run in progress(bins, quiet=quiet, desc="gate knockout"):
         path = run.run_dir / RECORD
-        if path.is_file() and read_json(path).get("iters") == run.config["iters"]:
-            records[run.run_dir] = read_json(path)
+        record = read_json(path) if path.is_file() else {}
+        if record.get("iters") == run.config["iters"]:
+            records[run.run_dir] = record
         elif RunDir(run.run_dir).checkpoint_path.is_file():
             records[run.run_dir] = knockout_run(run.run_dir, device=device, root=root,
                                                 quiet=quiet)
@@ -116,7 +117,7 @@ def knockout_comparison(frame: pd.DataFrame) -> pd.DataFrame:
     the seeds' mean difference and t interval, then rows `all` (pairs) and `task means`
     (`stats.paired_comparison`), in percentage points."""
     from domadapt.stats import paired_comparison
-    from domadapt.tables import stack_comparison
+    from domadapt.tables import COMPARISON_COLUMNS, stack_comparison
 
     long = frame.melt(id_vars=["setting", "task", "method", "seed"],
                       value_vars=["acc_trained", "acc_gates_one", "acc_bn"],
@@ -135,8 +136,6 @@ def knockout_comparison(frame: pd.DataFrame) -> pd.DataFrame:
             overall = overall[(overall["unit"] == "pairs") | (overall["n"] >= 2)]  # one task
             records += stack_comparison(per_task.assign(within=within),
                                         overall.assign(within=within), setting, order)
-    from domadapt.tables import COMPARISON_COLUMNS
-
     return pd.DataFrame(records, columns=list(COMPARISON_COLUMNS)).round(
         {"mean_diff": 4, "ci_low": 4, "ci_high": 4})
 
