@@ -4,6 +4,7 @@ concurrent sweeps, kill-and-resume, one-line errors."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from domadapt.sweep import (
     ProcessLauncher,
     SubmititLauncher,
     SweepPlan,
+    _worker_main,
     build_grid,
     cell_dir,
     cell_lock,
@@ -263,6 +265,22 @@ def test_process_launcher_replaces_a_dead_worker(tmp_path: Path) -> None:
     assert report.ran == 9 and len(report.failed) == 1
     assert "worker process died (exit code 3)" in report.failed[0].error
     assert len({call["pid"] for c in plan.configs for call in calls(cell_dir(tmp_path, c))}) == 3
+
+
+def test_worker_exits_quietly_when_the_sweep_closes_its_pipe(capfd) -> None:
+    """A sweep that goes away with a result unread resets the pipe (ECONNRESET, not EOF):
+    the worker, waiting for its next cell, exits 0 without a traceback."""
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    worker = ctx.Process(target=_worker_main, args=(child, os.path.join, None, 1, os.getpid()))
+    worker.start()
+    child.close()
+    conn.send(("a", "b"))
+    assert conn.poll(60)  # the result is waiting, unread
+    conn.close()
+    worker.join(30)
+    assert worker.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def _alive(pid: int) -> bool:
