@@ -347,8 +347,8 @@ def _worker_main(conn: Any, fn: CellFn, gpu: str | None, threads: int, parent_pi
     try:
         while (cell := conn.recv()) is not None:
             conn.send(fn(*cell))
-    except (KeyboardInterrupt, EOFError, ConnectionResetError):
-        pass  # stopped by the sweep, or the sweep is gone (a reset: it left a result unread)
+    except (KeyboardInterrupt, EOFError, ConnectionError):
+        pass  # stopped by the sweep, or the sweep is gone (reset or broken pipe, either way)
 
 
 def _exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
