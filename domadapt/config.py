@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from domadapt.backbones import check_backbone
@@ -21,6 +22,7 @@ from domadapt.data.transforms import INTERPOLATIONS, RESIZE_MODES, check_transfo
 from domadapt.errors import UserError
 from domadapt.methods import METHODS, get_method
 from domadapt.norms import NORMS, get_norm
+from domadapt.provenance import file_sha256
 from domadapt.registry import HparamSpec, hparam_specs, hparams_dict, make_hparams, merged_specs
 from domadapt.schedules import SCHEDULE_FORMS, check_schedule_options
 
@@ -53,6 +55,9 @@ class RunConfig:
     norm: str = config_field("bn", "normalization kind (`domadapt methods` lists them)")
     backbone: str = config_field("resnet50", "torchvision BN model name, digitnet or timm:<name>")
     pretrained: str = config_field("imagenet", "imagenet | none | PATH (state dict)")
+    pretrained_sha256: str | None = config_field(
+        None, "sha256 of the --pretrained file (filled in by `with_weights_hash`); when set, "
+        "the run key hashes the weights instead of the path that named them", cli=False)
     bottleneck_dim: int = config_field(256, "bottleneck feature dimension")
     iters: int = config_field(5000, "training iterations")
     batch_size: int = config_field(32, "images per domain per iteration (b source + b target)")
@@ -163,10 +168,25 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def key(self) -> str:
-        """Short stable hash of every field that changes the result (not paths or workers)."""
+        """Short stable hash of every field that changes the result (not paths or workers).
+
+        Pretrained weights from a file count by their content (`pretrained_sha256`), not by
+        the path that named them: the same file named by another path is the same run."""
         d = {k: v for k, v in self.to_dict().items() if k not in NON_KEY_FIELDS}
+        digest = d.pop("pretrained_sha256")
+        if digest:
+            d["pretrained"] = f"sha256:{digest}"
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
+
+    def legacy_key(self) -> str:
+        """The key runs had before weights were hashed (the `--pretrained` string instead):
+        how run directories made then are still found (`domadapt.rundir.cell_dir`)."""
+        return dataclasses.replace(self, pretrained_sha256=None).key()
+
+    def has_key(self, key: str | None) -> bool:
+        """Whether `key` names this run: its key, or its legacy key."""
+        return key in (self.key(), self.legacy_key())
 
     def name(self) -> str:
         """Readable run name, e.g. `Art-Clipart_dann_bin_s0`."""
@@ -276,7 +296,21 @@ def preset_overrides(name: str | None) -> dict[str, Any]:
 
 def make_config(preset: str | None = None, **options: Any) -> RunConfig:
     """Defaults <- preset <- explicit options (None means 'not given'); `options` may mix
-    core fields and plug-in options (see `route_options`)."""
+    core fields and plug-in options (see `route_options`); weights files hashed."""
     values = preset_overrides(preset)
     values.update({k: v for k, v in options.items() if v is not None})
-    return route_options(values)
+    return with_weights_hash(route_options(values))
+
+
+def with_weights_hash(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `pretrained_sha256` filled in when `pretrained` names a readable file (it
+    stays None for imagenet / none, and for a missing file, which the model build reports)."""
+    if cfg.pretrained_sha256 or cfg.pretrained in ("imagenet", "none"):
+        return cfg
+    path = Path(cfg.pretrained).expanduser()
+    if not path.is_file():
+        return cfg
+    try:
+        return cfg.replace(pretrained_sha256=file_sha256(path))
+    except OSError as e:
+        raise UserError(f"--pretrained {cfg.pretrained}: cannot read ({e.strerror})") from None

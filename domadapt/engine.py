@@ -299,7 +299,7 @@ class Trainer:
         ckpt = self.run_dir.read_latest_checkpoint(map_location=self.device)
         if ckpt is None:
             return False
-        if ckpt.get("key") != self.cfg.key():
+        if not self.cfg.has_key(ckpt.get("key")):
             raise UserError(f"{path}: belongs to a different run configuration")
         if ckpt["world_size"] != self.ctx.world_size:
             raise UserError(f"{path}: written by {ckpt['world_size']} processes, "

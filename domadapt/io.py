@@ -141,3 +141,12 @@ def require_absent(dest: Path) -> None:
     """UserError unless `dest` is free for `atomic_directory` (missing or an empty folder)."""
     if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
         raise UserError(f"output folder already exists and is not empty: {dest}")
+
+
+def cache_dir() -> Path:
+    """The one folder for every cache domadapt keeps (generated datasets, resized images, the
+    BIN kernels): `$DOMADAPT_CACHE`, else `$XDG_CACHE_HOME/domadapt`, else `~/.cache/domadapt`."""
+    if env := os.environ.get("DOMADAPT_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "domadapt"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,12 +80,17 @@ class RunDir:
 
     # -- config.json ----------------------------------------------------------------------------
     def read_config(self) -> tuple[RunConfig, dict[str, Any]]:
-        """(RunConfig, whole config.json); UserError if missing or corrupt."""
+        """(RunConfig, whole config.json); UserError if missing or corrupt. The dataset root
+        is stored relative to the working directory the run started in; it is returned
+        absolute, resolved against today's working directory."""
         if not self.config_path.is_file():
             raise UserError(f"{self.config_path}: not a run directory (no {CONFIG})")
         try:
             info = read_json(self.config_path)
-            return RunConfig.from_dict(info["config"]), info
+            cfg = RunConfig.from_dict(info["config"])
+            if cfg.root is not None and not os.path.isabs(cfg.root):
+                cfg = cfg.replace(root=os.path.abspath(cfg.root))
+            return cfg, info
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{self.config_path}: corrupt run config ({e})") from None
 
@@ -191,8 +197,13 @@ class RunDir:
 
 
 def cell_dir(sweep_dir: str | Path, cfg: RunConfig) -> Path:
-    """`SWEEP_DIR/runs/<name>-<key>`: the key hashes the whole resolved config."""
-    return Path(sweep_dir) / RUNS_DIR / f"{cfg.name()}-{cfg.key()}"
+    """`SWEEP_DIR/runs/<name>-<key>`: the key hashes the whole resolved config. A run made
+    before weights files were keyed by their hash is found under its legacy key (the
+    `--pretrained` string), so committed sweeps resume without retraining."""
+    runs = Path(sweep_dir) / RUNS_DIR
+    path = runs / f"{cfg.name()}-{cfg.key()}"
+    legacy = runs / f"{cfg.name()}-{cfg.legacy_key()}"
+    return legacy if not path.exists() and legacy.is_dir() else path
 
 
 def sweep_run_dirs(sweep_dir: str | Path) -> list[Path]:

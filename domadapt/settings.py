@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from domadapt.config import RunConfig
+from domadapt.config import RunConfig, with_weights_hash
 from domadapt.data import DomainDataset, build_transform, domain_items, get_dataset, resolve_root
-from domadapt.data.manifest import split_items
+from domadapt.data.manifest import fingerprint, split_items
 from domadapt.errors import UserError
 from domadapt.methods import get_method
 
@@ -40,7 +40,9 @@ class RunData:
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
-    """`cfg` with full domain names and the absolute dataset root (styledigits: generated)."""
+    """`cfg` with full domain names, the absolute dataset root (styledigits: generated) and
+    the weights file's hash (`with_weights_hash`)."""
+    cfg = with_weights_hash(cfg)
     spec = get_dataset(cfg.dataset)
     root = resolve_root(spec, cfg.root)
     if cfg.setting == "multidomain":
@@ -69,10 +71,13 @@ def build_data(cfg: RunConfig) -> RunData:
         tests = {d: domain_items(spec, root, d, "test", **split) for d in domains}
         evals = {d: DomainDataset(items, eval_tf) for d, items in tests.items()}
         counts = {"train": len(train_items)} | {f"test/{d}": len(v) for d, v in tests.items()}
+        prints = {d: fingerprint(domain_items(spec, root, d), root) for d in domains}
         return RunData(classes, {"source": DomainDataset(train_items, train_tf)}, evals, domains,
-                       domains, {"classes": classes, "domains": domains, "num_images": counts})
+                       domains, {"classes": classes, "domains": domains, "num_images": counts,
+                                 "fingerprint": prints})
     src = domain_items(spec, root, str(cfg.source))
     tgt = domain_items(spec, root, str(cfg.target))
+    prints = {str(cfg.source): fingerprint(src, root), str(cfg.target): fingerprint(tgt, root)}
     held: list = []
     if cfg.source_val_fraction > 0:
         src, held = split_items(src, cfg.source_val_fraction, cfg.split_seed)
@@ -85,7 +90,7 @@ def build_data(cfg: RunConfig) -> RunData:
         evals["source_val"] = DomainDataset(held, eval_tf)
         counts["source_val"] = len(held)
     return RunData(classes, train, evals, [str(cfg.source), str(cfg.target)], ["target"],
-                   {"classes": classes, "num_images": counts})
+                   {"classes": classes, "num_images": counts, "fingerprint": prints})
 
 
 def result_accuracy(cfg: RunConfig, acc: dict[str, float], data: RunData) -> float:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import platform
 import random
-import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,14 @@ from domadapt.distributed import DistContext, distributed_context
 from domadapt.engine import NonFiniteLoss, Trainer
 from domadapt.errors import UserError
 from domadapt.models import DomainAdaptModel, build_model
+from domadapt.nn.bin import BatchInstanceNorm2d, kernel_info
+from domadapt.provenance import (
+    code_version,
+    hardware,
+    host_hash,
+    portable_command,
+    portable_path,
+)
 from domadapt.rundir import METRICS, RunDir
 from domadapt.settings import RunData, build_data, resolve_config
 
@@ -56,10 +63,12 @@ def run(cfg: RunConfig, run_dir: Path, *, device: str = "auto",
         if finished is not None:
             return finished
         data = build_data(cfg)
+        _agree(ctx, lambda: _check_same_data(rd, data))
         trainer = Trainer(cfg, data, rd, ctx, quiet=quiet)  # bad weights etc. fail here
-        if ctx.is_main:
-            _write_config(cfg, data, rd, ctx, channels_last=trainer.channels_last)
         trainer.load_checkpoint()
+        if ctx.is_main:
+            _record_launch(cfg, data, rd, ctx, trainer.model,
+                           channels_last=trainer.channels_last, iteration=trainer.state.iteration)
         trainer.fit()
         metrics = trainer.metrics()
         if ctx.is_main:
@@ -96,10 +105,10 @@ def _check_run_dir(cfg: RunConfig, rd: RunDir) -> dict[str, Any] | None:
     if not rd.has_config():
         return None
     stored, _ = rd.read_config()
-    if stored.key() != cfg.key():
+    if not cfg.has_key(stored.key()):
         mine, theirs = cfg.to_dict(), stored.to_dict()
         diff = [f"{k}: {v!r} -> {mine[k]!r}" for k, v in theirs.items()
-                if mine.get(k) != v and k != "root"]
+                if mine.get(k) != v and k not in ("root", "pretrained_sha256")]
         raise UserError(f"{rd.path} holds a different run ({'; '.join(diff[:4])}); "
                         f"choose another --out")
     if rd.is_done():
@@ -107,40 +116,57 @@ def _check_run_dir(cfg: RunConfig, rd: RunDir) -> dict[str, Any] | None:
     return None
 
 
-def _write_config(cfg: RunConfig, data: RunData, rd: RunDir, ctx: DistContext, *,
-                  channels_last: bool) -> None:
-    """config.json: the resolved config, its key, the data and the runtime of this launch."""
+def _check_same_data(rd: RunDir, data: RunData) -> None:
+    """Refuse to continue a run over data that changed since it started (images added,
+    removed, relabelled or rewritten): its first iterations saw other images. Nothing is
+    written before this check."""
+    if not rd.has_config():
+        return
+    stored = (rd.read_config_dict().get("data") or {}).get("fingerprint")
+    now = data.info["fingerprint"]
+    if stored is None:  # a run started before data fingerprints existed
+        return
+    changed = sorted(d for d in set(stored) | set(now) if stored.get(d) != now.get(d))
+    if changed:
+        raise UserError(f"{rd.path}: the images of {', '.join(changed)} changed since the run "
+                        f"started (data fingerprint differs); restore them, or choose another "
+                        f"--out to train on the new data")
+
+
+def _record_launch(cfg: RunConfig, data: RunData, rd: RunDir, ctx: DistContext,
+                   model: torch.nn.Module, *, channels_last: bool, iteration: int) -> None:
+    """config.json: the first start writes the resolved config, its key, the data (with its
+    fingerprint), the provenance and the runtime; a later start (a resume) only appends an
+    event to `resumes`, so what the first start recorded stays."""
+    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": iteration,
+             "host": host_hash(), **hardware(ctx.device), "code": code_version(),
+             "command": portable_command(sys.argv)}
+    if rd.has_config():
+        info = rd.read_config_dict()
+        info.setdefault("resumes", []).append(event)
+        rd.write_config(info)
+        return
+    uses_bin = any(isinstance(m, BatchInstanceNorm2d) for m in model.modules())
     rd.write_config({
-        "config": cfg.to_dict(), "key": cfg.key(), "name": cfg.name(), "data": data.info,
+        "config": cfg.to_dict() | {"root": portable_path(str(cfg.root))} | (
+            {"pretrained": portable_path(cfg.pretrained)} if cfg.pretrained_sha256 else {}),
+        "key": cfg.key(), "name": cfg.name(), "data": data.info,
+        "provenance": {
+            "code": code_version(), "pretrained_sha256": cfg.pretrained_sha256,
+            "bin_kernel": (kernel_info() if ctx.device.type == "cpu" else
+                           {"kernel": "torch", "reason": f"on {ctx.device.type}"})
+            if uses_bin else None,
+        },
         "runtime": {
             "device": str(ctx.device), "world_size": ctx.world_size,
             "memory_format": "channels_last" if channels_last else "NCHW",
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            **_hardware(ctx.device), "command": shlex.join(sys.argv),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **hardware(ctx.device), "host": host_hash(), "command": portable_command(sys.argv),
+            "started": event["time"], "iteration": iteration,
         },
+        "resumes": [],
     })
-
-
-def _hardware(device: torch.device) -> dict[str, Any]:
-    """What floating-point results depend on besides the config: the CPU model and the kernel
-    set torch picked for it (AVX2, AVX512, ...), the thread count, and the GPU if one is used.
-    The same config on another CPU model or thread count gives other numbers."""
-    model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    info = {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _read_lines(path: str) -> list[str]:
-    try:
-        return Path(path).read_text().splitlines()
-    except OSError:
-        return []
 
 
 def _agree(ctx: DistContext, fn: Callable[[], T]) -> T:

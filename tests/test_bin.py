@@ -162,7 +162,7 @@ def test_without_compiler_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setattr(bin_module, "_c_lib", None)
     monkeypatch.setattr(bin_module, "_c_tried", False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("DOMADAPT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DOMADAPT_CACHE", str(tmp_path / "cache"))
     assert bin_module._c_library() is None
     assert not (tmp_path / "cache").exists()
     check_matches_reference(True, torch.float32, True)
@@ -174,7 +174,7 @@ def test_c_kernels_build_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_pat
         pytest.skip("C kernels unavailable here (no C compiler, or DOMADAPT_BIN_KERNEL=torch)")
     monkeypatch.setattr(bin_module, "_c_lib", None)
     monkeypatch.setattr(bin_module, "_c_tried", False)
-    monkeypatch.setenv("DOMADAPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DOMADAPT_CACHE", str(tmp_path))
     assert bin_module._c_library() is not None
     (built,) = tmp_path.iterdir()
     assert built.name.startswith("bin_kernels_") and built.suffix == ".so"

@@ -221,6 +221,10 @@ def test_sigkill_then_resume_gives_identical_metrics(reference, tmp_path):
     b = json.loads((out / "metrics.json").read_text())
     assert _numbers(a) == _numbers(b)
     assert _log_rows(ref) == _log_rows(out)
+    # config.json keeps the first start and records the resume as an event
+    info = json.loads((out / "config.json").read_text())
+    assert info["runtime"]["iteration"] == 0
+    assert [e["iteration"] for e in info["resumes"]] == [killed_at]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -19,7 +19,9 @@ gives the same result.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -79,6 +81,22 @@ def sort_items(items: Items, root: Path) -> Items:
 
 def relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
+
+
+def fingerprint(items: Items, root: Path) -> str:
+    """What a run read, as one hash: sha256 over the sorted lines `relative/path<TAB>size in
+    bytes<TAB>label`. Adding, removing, relabelling or rewriting (to another size) an image
+    changes it; where the dataset lies does not. First 16 hex digits."""
+    lines = sorted(f"{Path(os.path.relpath(p, root)).as_posix()}\t{_size(p)}\t{label}\n"
+                   for p, label in items)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 # -- manifest files ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from domadapt.data import styledigits
 from domadapt.errors import UserError
+from domadapt.io import cache_dir
 
 MANIFEST_DIRNAME = "manifests"
 ARCHIVE_LEFTOVERS = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})  # not data: skipped
@@ -298,11 +299,8 @@ def get_dataset(name: str) -> DatasetSpec:
 
 
 def default_cache_dir() -> Path:
-    """`$DOMADAPT_CACHE`, else `$XDG_CACHE_HOME/domadapt`, else `~/.cache/domadapt`."""
-    if env := os.environ.get("DOMADAPT_CACHE"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "domadapt"
+    """Where generated datasets go: `domadapt.io.cache_dir()`."""
+    return cache_dir()
 
 
 def resolve_root(spec: DatasetSpec, root: str | Path | None) -> Path:

@@ -23,11 +23,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import logging
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +38,8 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.batchnorm import _NormBase
 
+from domadapt.io import cache_dir
+
 __all__ = [
     "GATE_HIGH",
     "GATE_LOW",
@@ -46,6 +48,7 @@ __all__ = [
     "gate_fraction_below",
     "gate_parameters",
     "gate_values",
+    "kernel_info",
     "mean_gate",
 ]
 
@@ -53,7 +56,6 @@ __all__ = [
 # GATE_HIGH mostly batch-normalises it (style kept). Used by run metrics and gate reports.
 GATE_LOW, GATE_HIGH = 0.1, 0.9
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -358,47 +360,114 @@ _C_TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _c_lib: ctypes.CDLL | None = None
 _c_tried = False
 _c_fns: dict[torch.dtype, tuple[Any, Any]] = {}  # dtype -> (forward, backward), set by _bind
+_kernel: dict[str, Any] = {}  # what kernel_info() reports, set by _c_library
+
+
+def _isa_flags() -> list[str]:
+    """An explicit instruction-set level instead of -march=native, so every CPU of one level
+    runs the same machine code: x86-64-v3 (AVX2 + FMA) where the CPU has it, else x86-64-v2,
+    else the x86-64 baseline; other architectures: the compiler's default."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    flags = set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        flags = next((set(ln.split(":", 1)[1].split()) for ln in f if ln.startswith("flags")),
+                     set())
+    if {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "xsave"} <= flags:
+        return ["-march=x86-64-v3"]
+    if {"sse4_2", "ssse3", "popcnt", "cx16"} <= flags:
+        return ["-march=x86-64-v2"]
+    return ["-march=x86-64"]
+
+
+def kernel_flags() -> list[str]:
+    """Compiler flags of the C kernels. -ffp-contract=off: no fused multiply-add contraction,
+    which is what made builds for different CPUs round differently (~5e-7)."""
+    return ["-O3", *_isa_flags(), "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC",
+            "-shared"]
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0].strip() if out.stdout else cc
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return cc
+
+
+def _trusted(path: Path) -> bool:
+    """A cached library may be loaded only if this user owns it and nobody else may write it
+    (else another user could put code into this process)."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _build_library(cc: str, flags: list[str], cache: Path) -> Path:
+    """The library for (source, compiler, flags) in `cache`, built there if absent."""
+    version = _compiler_version(cc)
+    key = hashlib.sha256("\0".join([_C_SOURCE, cc, version, *flags]).encode()).hexdigest()[:16]
+    lib = cache / f"bin_kernels_{key}.so"
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if lib.exists():
+        if not _trusted(lib):
+            raise OSError(f"{lib} is not owned by this user or is writable by others; "
+                          f"not loaded")
+        return lib
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src, so = Path(tmp) / "bin_kernels.c", Path(tmp) / "bin_kernels.so"
+        src.write_text(_C_SOURCE)
+        subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], check=True,
+                       capture_output=True, timeout=120)
+        os.chmod(so, 0o700)
+        os.replace(so, lib)  # atomic: concurrent builders each install a whole file
+    return lib
 
 
 def _c_library() -> ctypes.CDLL | None:
-    """The compiled C kernels, built on first use into a per-machine cache; None if impossible.
+    """The compiled C kernels, built on first use into the cache; None if impossible.
 
-    Cache: $DOMADAPT_CACHE_DIR, else $XDG_CACHE_HOME/domadapt, else ~/.cache/domadapt; the
-    file name hashes the source, compiler, flags and CPU (it is built with -march=native).
-    DOMADAPT_BIN_KERNEL=torch disables it. Any failure (no compiler, read-only cache, another
-    OS) leaves the pure-torch path, with one INFO log line.
+    Cache: `domadapt.io.cache_dir()` (created private, 0700); the file name hashes the
+    source, the compiler and its version, and the flags (`kernel_flags()`: an explicit ISA
+    level, no FMA contraction, so CPUs of one level get identical results). A cached file is
+    loaded only if this user owns it and nobody else may write it. DOMADAPT_BIN_KERNEL=torch
+    disables it. Any failure (no compiler, read-only cache, another OS) leaves the torch path;
+    `kernel_info()` says which ran and why.
     """
     global _c_lib, _c_tried
     if _c_tried:
         return _c_lib
     _c_tried = True
-    if os.environ.get("DOMADAPT_BIN_KERNEL", "").lower() == "torch" or os.name != "posix":
+    _kernel.clear()
+    if os.environ.get("DOMADAPT_BIN_KERNEL", "").lower() == "torch":
+        _kernel.update(kernel="torch", reason="DOMADAPT_BIN_KERNEL=torch")
+        return None
+    if os.name != "posix":
+        _kernel.update(kernel="torch", reason=f"no C kernel build on {platform.system()}")
         return None
     try:
         cc = shutil.which(os.environ.get("CC", "cc"))
         if cc is None:
-            raise OSError("no C compiler")
-        flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
-        cpu = platform.machine()
-        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-            cpu += "".join(sorted({ln for ln in f if ln.startswith(("flags", "model name"))}))
-        key = hashlib.sha256("\0".join([_C_SOURCE, cc, *flags, cpu]).encode()).hexdigest()[:16]
-        cache = os.environ.get("DOMADAPT_CACHE_DIR") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "domadapt")
-        lib = Path(cache) / f"bin_kernels_{key}.so"
-        if not lib.exists():
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
-                src, so = Path(tmp) / "bin_kernels.c", Path(tmp) / "bin_kernels.so"
-                src.write_text(_C_SOURCE)
-                subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], check=True,
-                               capture_output=True, timeout=120)
-                os.replace(so, lib)  # atomic: concurrent builders each install a whole file
+            raise OSError("no C compiler (set CC or install gcc/clang)")
+        flags = kernel_flags()
+        lib = _build_library(cc, flags, cache_dir())
         _c_lib = _bind(ctypes.CDLL(str(lib)))
+        _kernel.update(kernel="c", compiler=_compiler_version(cc), flags=flags)
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
-        _log.info("BIN: C kernels unavailable (%s); using the torch path", e)
+        why = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(
+            e, subprocess.CalledProcessError) and e.stderr else [str(e)]
+        _kernel.update(kernel="torch", reason=(why or ["build failed"])[0])
+        print(f"domadapt: BIN runs on the slower torch path ({_kernel['reason']}); for the "
+              f"fast C kernels install a C compiler with OpenMP (gcc, or clang with libomp)",
+              file=sys.stderr)
         _c_lib = None
     return _c_lib
+
+
+def kernel_info() -> dict[str, Any]:
+    """Which BIN kernel runs on CPU: {"kernel": "c", "compiler", "flags"} or
+    {"kernel": "torch", "reason"} (builds the C kernels if not tried yet)."""
+    _c_library()
+    return dict(_kernel)
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
