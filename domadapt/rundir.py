@@ -8,7 +8,7 @@ Run directory (written by `domadapt.train.run`)::
     checkpoint.prev.pt  the checkpoint before it, resumed from when checkpoint.pt is unreadable
                    (removed once metrics.json is written)
     metrics.json   written last, only when the run is complete: the done marker
-    .lock          flock held by the process running the cell (sweeps)
+    .lock          locked (`run_lock`) by the process running the cell (sweeps)
     error.txt      traceback of the cell's last failure (sweeps)
 
 Sweep directory::
@@ -25,11 +25,14 @@ import csv
 import io
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 
 from domadapt.config import RunConfig
 from domadapt.errors import UserError
@@ -194,6 +197,26 @@ class RunDir:
         if not isinstance(data, dict):
             raise UserError(f"corrupt {path} (not a JSON object); delete it to re-run")
         return data
+
+
+@contextmanager
+def run_lock(run_dir: str | Path, *, wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive lock on `run_dir/.lock` (created with its folder). Yields False,
+    holding nothing, when another process holds it and not `wait`. The operating system
+    releases it when its holder dies (flock on POSIX, a locked handle on Windows, both through
+    `filelock`), so a killed sweep or run never leaves a stale lock."""
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path / LOCK, preserve_lock_file=True)
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def cell_dir(sweep_dir: str | Path, cfg: RunConfig) -> Path:

@@ -19,7 +19,6 @@ keep running when the sweep command itself is interrupted; a re-run collects the
 
 from __future__ import annotations
 
-import fcntl
 import math
 import multiprocessing as mp
 import os
@@ -40,7 +39,7 @@ from domadapt.config import RunConfig, check_choice, make_config
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json, atomic_write_text
 from domadapt.progress import progress
-from domadapt.rundir import ERROR, LOCK, METRICS, RECORD, RUNS_DIR, RunDir, cell_dir
+from domadapt.rundir import ERROR, METRICS, RECORD, RUNS_DIR, RunDir, cell_dir, run_lock
 from domadapt.tables import Layout, dataset_layout, write_tables
 
 LAUNCHERS = ("local", "submitit")
@@ -182,27 +181,13 @@ def is_done(run_dir: Path) -> bool:
 
 # -- one cell -----------------------------------------------------------------------------------
 
-@contextmanager
-def cell_lock(run_dir: Path, *, wait: bool = False) -> Iterator[bool]:
-    """Hold an exclusive flock on `run_dir/.lock`. Yields False, holding nothing, when another
-    process holds it and not `wait`. The kernel releases it when its holder dies."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / LOCK, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True  # closing the file releases the lock
-
-
 def run_cell(cfg: RunConfig, run_dir: Path, *, runner: Runner | None = None,
              device: str = "auto", quiet: bool = True) -> CellResult:
     """Run one cell under its lock unless it is busy or finished; never raises for a failed
     run (its traceback goes to `run_dir/error.txt`). `runner` defaults to train.run."""
     if runner is None:
         from domadapt.train import run as runner
-    with cell_lock(run_dir) as mine:
+    with run_lock(run_dir) as mine:
         if not mine:
             return CellResult(run_dir, BUSY)
         if is_done(run_dir):
@@ -489,7 +474,7 @@ def run_sweep(
                 if run_dir not in busy:
                     continue
                 bar.set_description("sweep (waiting for another sweep)")
-                with cell_lock(run_dir, wait=True):
+                with run_lock(run_dir, wait=True):
                     pass
                 if is_done(run_dir):
                     report.finished_elsewhere += 1

@@ -23,6 +23,7 @@ from cli.main import stop_on_sigterm
 from domadapt.config import RunConfig
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json
+from domadapt.rundir import run_lock
 from domadapt.sweep import (
     FAILED,
     LocalLauncher,
@@ -32,7 +33,6 @@ from domadapt.sweep import (
     _worker_main,
     build_grid,
     cell_dir,
-    cell_lock,
     make_launcher,
     parse_seeds,
     run_sweep,
@@ -203,7 +203,7 @@ def test_locked_cell_is_skipped_then_waited_for(tmp_path: Path) -> None:
     locked, release = threading.Event(), threading.Event()
 
     def other_sweep() -> None:
-        with cell_lock(held) as mine:
+        with run_lock(held) as mine:
             assert mine
             locked.set()
             release.wait(30)
@@ -230,7 +230,7 @@ def test_cell_left_unfinished_elsewhere_is_taken_over(tmp_path: Path) -> None:
     held = cell_dir(tmp_path, plan.configs[3])
     sweep = threading.Thread(target=run_sweep, args=(plan, tmp_path, LocalLauncher()),
                              kwargs={"quiet": True, "runner": fake_runner})
-    with cell_lock(held) as mine:  # another sweep, which will die without finishing the cell
+    with run_lock(held) as mine:  # another sweep, which will die without finishing the cell
         assert mine
         sweep.start()
         deadline = time.time() + 30
