@@ -60,7 +60,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ from domadapt.errors import UserError
 from domadapt.io import atomic_path, atomic_write_text, read_json
 from domadapt.methods import METHODS
 from domadapt.norms import NORMS
+from domadapt.provenance import code_label
 from domadapt.rundir import RECORD, RunDir, sweep_run_dirs
 from domadapt.selection import RULES, get_rule, select_runs, selection_table
 from domadapt.stats import all_comparisons, paired_comparison
@@ -79,8 +80,12 @@ GATES_BY_LAYER = "gates_by_layer.csv"
 BASELINE_NORM = "bn"
 RUN_COLUMNS = (
     "dataset", "setting", "task", "source", "target", "method", "norm", "backbone", "seed",
-    "iters", "target_acc", "avg_acc", "wall_seconds", "run_key", "run_dir",
+    "iters", "target_acc", "avg_acc", "wall_seconds", "code", "cpu", "cpu_capability", "host",
+    "run_key", "run_dir",
 )  # + every norm's diagnostics (e.g. mean_gate) found in the runs, before wall_seconds
+# What a run's numbers depend on besides its config (config.json, `domadapt.provenance`):
+# runs compared with each other should share them (`provenance_note`).
+PROVENANCE_FIELDS = {"cpu_capability": "CPU kernel set", "code": "code version", "host": "host"}
 ACC_COLUMNS = ("target_acc", "avg_acc")  # fractions in metrics.json, percent in tables
 STAT_COLUMNS = ("setting", "row", "method", "norm", "n_seeds", "mean", "std")
 BASELINE_METHOD = "source-only"
@@ -168,6 +173,38 @@ class FinishedRun:
     key: str
     metrics: dict[str, Any]
     log: pd.DataFrame | None = None  # log.csv, one row per evaluation; None without one
+    provenance: dict[str, Any] = field(default_factory=dict)  # `run_provenance`
+
+
+def run_provenance(info: dict[str, Any]) -> dict[str, Any]:
+    """From a config.json: code (`provenance.code_label`), cpu, cpu_capability and host of the
+    run's first start; None where a run made before they were recorded lacks one."""
+    runtime = info.get("runtime") or {}
+    return {"code": code_label((info.get("provenance") or {}).get("code")),
+            **{k: runtime.get(k) for k in ("cpu", "cpu_capability", "host")}}
+
+
+def provenance_note(groups: dict[str, list[FinishedRun]], unit: str) -> str:
+    """One sentence for a comparison's notes: how many of the `groups` (the runs a comparison
+    pairs with each other, e.g. one task and seed) mix runs that differ in CPU kernel set,
+    code version or host, naming them; and how many runs predate these records."""
+    paired = {name: runs for name, runs in groups.items() if len(runs) > 1}
+    mixed = []
+    for name, runs in paired.items():
+        differ = [f"{label} {' / '.join(sorted(str(v) for v in values))}"
+                  for key, label in PROVENANCE_FIELDS.items()
+                  if len(values := {r.provenance.get(key) for r in runs}) > 1]
+        if differ:
+            mixed.append(f"{name} ({'; '.join(differ)})")
+    text = (f"Provenance: {len(mixed)} of {len(paired)} {unit} pair runs that differ in CPU "
+            f"kernel set, code version or host")
+    text += (f": {', '.join(mixed)}; such pairs do not share their floating-point rounding."
+             if mixed else ".")
+    runs = {r.run_dir: r for group in paired.values() for r in group}.values()
+    if old := sum(r.provenance.get("code") is None for r in runs):
+        text += (f" {old} of {len(runs)} runs were made before code version and host were "
+                 "recorded (shown as None).")
+    return text
 
 
 def finished_runs(run_dirs: Iterable[Path]) -> list[FinishedRun]:
@@ -179,7 +216,7 @@ def finished_runs(run_dirs: Iterable[Path]) -> list[FinishedRun]:
         info = run_dir.read_config_dict()
         log = run_dir.read_log() if run_dir.log_path.is_file() else None
         found.append(FinishedRun(run_dir.path, info["config"], str(info.get("key", "")),
-                                 run_dir.read_metrics(), log))
+                                 run_dir.read_metrics(), log, run_provenance(info)))
     return found
 
 
@@ -195,11 +232,12 @@ def runs_frame(runs: list[FinishedRun], layout: Layout, sweep_dir: Path) -> pd.D
         row = {k: cfg[k] for k in ("dataset", "setting", "method", "norm", "backbone", "seed",
                                    "iters")}
         row.update(
-            task=layout.task_label(cfg["source"], cfg["target"]) if transfer else "multidomain",
+            task=_task(run, layout),
             source=cfg["source"] if transfer else None,
             target=cfg["target"] if transfer else None,
             run_key=run.key,
             run_dir=relative_path(run.run_dir, sweep_dir),
+            **run.provenance,
         )
         row.update({k: run.metrics.get(k) for k in columns if k not in row})
         for k in ACC_COLUMNS:
@@ -604,6 +642,7 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
     sfx = "" if rule.name == "last" else f"_select-{rule.name}"
     command = record.get("command")
     chosen = f"Evaluation reported per run (`--select {rule.name}`): {RULE_TEXT[rule.name]}."
+    chosen += " " + provenance_note(_pairing_groups(runs, layout), "(task, seed) groups")
     written = [write_csv_atomic(runs_frame(runs, layout, sweep_dir), out_dir / "runs.csv",
                                 index=False)]
     if picked is not None:
@@ -785,6 +824,27 @@ VERSUS_COLUMNS = ("setting", "method", "norm", "row", "n", "mean_a", "mean_b", "
 VERSUS_GATES = "versus_gates.csv"
 
 
+def _pairing_groups(runs: list[FinishedRun], layout: Layout) -> dict[str, list[FinishedRun]]:
+    """The runs a sweep's comparisons pair with each other: one group per setting, task and
+    seed (BIN - BN pairs within a method, DANN - source-only within a norm)."""
+    groups: dict[str, list[FinishedRun]] = {}
+    for run in runs:
+        groups.setdefault(f"{_task(run, layout)} s{run.config['seed']}", []).append(run)
+    return groups
+
+
+def _task(run: FinishedRun, layout: Layout) -> str:
+    """A run's row label: its task (e.g. A->C) or `multidomain`."""
+    cfg = run.config
+    return (layout.task_label(cfg["source"], cfg["target"]) if cfg["setting"] == "transfer"
+            else "multidomain")
+
+
+def _run_label(run: FinishedRun, layout: Layout) -> str:
+    cfg = run.config
+    return f"{_task(run, layout)} {cfg['method']}/{cfg['norm']} s{cfg['seed']}"
+
+
 def _cell_key(run: FinishedRun) -> tuple[Any, ...]:
     """What pairs a run with its partner in another sweep: setting, task, method, norm, seed."""
     return tuple(run.config.get(k) for k in ("setting", "source", "target", "method", "norm",
@@ -851,6 +911,13 @@ def write_versus(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path,
             "units, the mean of their mean differences, its t interval over tasks and the "
             "Wilcoxon test of those means. A difference is a finding when its interval "
             "excludes 0 or p < 0.05 with the n shown.")
+    partners = {_cell_key(r) for r in rb} & {_cell_key(r) for r in ra}
+    pairs: dict[str, list[FinishedRun]] = {}
+    for runs, layout in ((ra, la), (rb, lb)):
+        for r in runs:
+            if _cell_key(r) in partners:
+                pairs.setdefault(_run_label(r, layout), []).append(r)
+    note += " " + provenance_note(pairs, "A/B pairs")
     sections = [("Accuracy", shown)]
     layers, totals = versus_gates(ra, rb)
     if not layers.empty:

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from domadapt.analysis.knockout import RECORD, set_gates
+from domadapt.analysis.knockout import RECORD, restat_on_source, set_gates
 from domadapt.analysis.report import analysis_sets
 from domadapt.evaluation import accuracy, predict
 from domadapt.nn import BatchInstanceNorm2d
@@ -89,8 +89,32 @@ def test_knockout_scores_each_bin_run_both_ways(sweep, run_cli) -> None:
     assert multi.acc_bn.notna().all()
     md = (sweep / "gate_knockout.md").read_text()
     for label in ("variant BIN - BIN gates=1 (method=dann)", "variant BIN gates=1 - BN",
-                  "task means", "domadapt gate-knockout"):
+                  "variant BIN - BIN gates=1 restat (method=dann)",
+                  "variant BIN gates=1 restat - BN", "task means", "domadapt gate-knockout"):
         assert label in md
+    assert frame.acc_gates_one_restat.notna().all()
+
+
+def test_restat_knockout_restores_a_converted_bn_network(sweep) -> None:
+    """A BN network converted to BIN (every gate 1 from the start) whose running statistics
+    were then disturbed: the re-estimated knockout gives back the BN network with statistics
+    re-estimated on the same source images (to float rounding); the as-is knockout does not."""
+    runs = pd.read_csv(sweep / "runs.csv")
+    run_dir = sweep / runs[(runs.norm == "bn") & (runs.setting == "transfer")].run_dir.iloc[0]
+    cfg, bn_model = load_trained(run_dir)
+    converted = convert_norm(copy.deepcopy(bn_model), "bin")
+    assert all(float(m.rho.detach().min()) == 1.0 for m in converted.modules()
+               if isinstance(m, BatchInstanceNorm2d))
+    torch.manual_seed(0)
+    converted.train()(torch.randn(8, 3, 16, 16) * 3 + 1)  # running statistics moved away
+    converted.eval()
+    reference = restat_on_source(bn_model, cfg)
+    knocked = restat_on_source(converted, cfg)
+    sets, (target,), _ = analysis_sets(cfg)
+    x = torch.stack([sets[target][i][0] for i in range(16)])
+    with torch.no_grad():
+        torch.testing.assert_close(knocked(x), reference(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(converted(x)[0], reference(x)[0], rtol=1e-3, atol=1e-3)
 
 
 def test_summary_is_rebuilt_from_records_without_checkpoints(sweep, run_cli) -> None:

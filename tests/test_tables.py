@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from domadapt.config import RunConfig, make_config
-from domadapt.io import atomic_write_json
+from domadapt.io import atomic_write_json, read_json
 from domadapt.tables import Layout, markdown_table, write_tables
 
 LAYOUT = Layout(
@@ -253,3 +253,38 @@ def test_tables_cli_bad_input(tmp_path: Path, run_cli, make: str) -> None:
     code, _, err = run_cli("tables", target)
     assert code != 0 and "Traceback" not in err and err.count("\n") == 1
     assert str(target if make == "missing" else run_dir / "metrics.json") in err
+
+
+def _stamp(run_dir: Path, capability: str, commit: str = "a" * 40, host: str = "h1") -> None:
+    """Give a run the provenance records train.run writes (runtime and provenance.code)."""
+    path = run_dir / "config.json"
+    info = read_json(path)
+    info["runtime"] = {"cpu": "Some CPU", "cpu_capability": capability, "host": host}
+    info["provenance"] = {"code": {"commit": commit, "dirty": False, "version": "0.1.0"}}
+    atomic_write_json(path, info)
+
+
+def test_comparisons_count_and_name_pairs_from_two_cpu_kernel_sets(full_sweep: Path) -> None:
+    """runs.csv carries code version and CPU kernel set; a comparison whose paired runs differ
+    in kernel set (or code version, or host) says how many and which in its notes."""
+    runs = sorted((full_sweep / "runs").iterdir())
+    for run_dir in runs:
+        _stamp(run_dir, "AVX512")
+    write_tables(full_sweep)
+    note = (full_sweep / "comparison.md").read_text()
+    assert "Provenance: 0 of 6 (task, seed) groups pair runs that differ" in note
+    frame = pd.read_csv(full_sweep / "runs.csv")
+    assert set(frame.cpu_capability) == {"AVX512"} and set(frame.code) == {"a" * 12}
+    # one BIN run of Al->Be seed 1 ran on an AVX2 machine, one of Be->Al seed 0 on other code
+    moved = next(d for d in runs if d.name.startswith("Alpha-Beta_dann_bin_s1"))
+    _stamp(moved, "AVX2")
+    other = next(d for d in runs if d.name.startswith("Beta-Alpha_source-only_bn_s0"))
+    _stamp(other, "AVX512", commit="b" * 40)
+    write_tables(full_sweep)
+    for name in ("comparison.md", "transfer_table.md"):
+        text = (full_sweep / name).read_text()
+        assert "2 of 6 (task, seed) groups pair runs that differ" in text
+        assert "Al->Be s1 (CPU kernel set AVX2 / AVX512)" in text
+        assert f"Be->Al s0 (code version {'a' * 12} / {'b' * 12})" in text
+    frame = pd.read_csv(full_sweep / "runs.csv").set_index("run_dir")
+    assert frame.at[f"runs/{moved.name}", "cpu_capability"] == "AVX2"

@@ -398,6 +398,7 @@ def test_versus_pairs_two_sweeps_and_names_what_differs(tmp_path: Path, run_cli)
     assert tm["ci_low"] < tm["mean_diff"] < tm["ci_high"] and tm["p_value"] == pytest.approx(0.5)
     md = (tmp_path / "v" / "versus.md").read_text()
     assert "lr: 0.01 (A) vs 0.5 (B)" in md and "+2.10" in md
+    assert "Provenance: 0 of 5 A/B pairs pair runs that differ in CPU kernel set" in md
     code, _, err = run_cli("versus", a, tmp_path / "nowhere")
     assert code != 0 and err.count("\n") == 1 and "nowhere" in err
 

@@ -1,16 +1,31 @@
 """Gate knockout: how much of a trained BIN model's accuracy its instance-normalised share carries.
 
 A BIN layer computes y = gamma * (rho * BN(x) + (1 - rho) * IN(x)) + beta. Setting every gate
-to 1 leaves y = gamma * BN(x) + beta in every layer: the same weights and running statistics,
-the batch path alone. Each BIN run is evaluated twice on its scored domains (transfer: the
-target; multi-domain: every domain's test split, averaged), with the gates as trained and with
-all gates = 1:
+to 1 leaves y = gamma * BN(x) + beta in every layer: the same weights, the batch path alone.
+Each BIN run is evaluated three times on its scored domains (transfer: the target; multi-domain:
+every domain's test split, averaged):
 
-    trained - gates=1   what the (1 - rho) * IN(x) share contributes at test time (~0 when the
-                        IN path is idle, e.g. gates at 1)
-    gates=1 - BN        the BIN model's batch path against the BN run of the same task, method
-                        and seed (did training with the IN share change the rest of the model?)
-    trained - BN        the usual BIN - BN difference (as in comparison.md)
+    trained             the gates as trained
+    gates=1             every gate 1, running statistics unchanged ("as-is")
+    gates=1 restat      every gate 1 and every BN running mean / variance re-estimated on the
+                        run's source training images (eval transform; multi-domain: the pooled
+                        train splits), exactly as AdaBN does (`nn.adabn`); no target image
+
+and the comparisons are
+
+    trained - gates=1          the test-time share of (1 - rho) IN(x) *plus* the shift that
+                               removing it causes in the statistics every later layer sees
+                               (its running statistics were estimated with the IN share mixed
+                               in): a drop here cannot tell the two apart
+    trained - gates=1 restat   the same with that shift removed: the later layers' statistics
+                               match the batch-only network again, so what is left is what the
+                               IN share carries (and the network's fit to it)
+    gates=1 [restat] - BN      the BIN model's batch path against the BN run of the same task,
+                               method and seed
+    trained - BN               the usual BIN - BN difference (as in comparison.md)
+
+On a BN network converted to BIN (rho = 1 from the start) the re-estimated variant gives back the
+BN network whose statistics were estimated on the same images, to float rounding (tested).
 
 Each run's two accuracies go to RUN_DIR/gate_knockout.json (a small record, committed with the
 run), so the summary is rebuilt without checkpoints; evaluating needs the run's checkpoint.
@@ -18,6 +33,7 @@ run), so the summary is rebuilt without checkpoints; evaluating needs the run's 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +41,18 @@ import pandas as pd
 import torch
 from torch import nn
 
+from domadapt.config import RunConfig
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json, read_json
 
 RECORD = "gate_knockout.json"
-TRAINED, GATES_ONE, BN = "BIN", "BIN gates=1", "BN"
-COMPARISONS = ((TRAINED, GATES_ONE), (GATES_ONE, BN), (TRAINED, BN))
+TRAINED, GATES_ONE, RESTAT, BN = "BIN", "BIN gates=1", "BIN gates=1 restat", "BN"
+COMPARISONS = ((TRAINED, GATES_ONE), (TRAINED, RESTAT), (GATES_ONE, BN), (RESTAT, BN),
+               (TRAINED, BN))
+VARIANTS = ("trained", "gates_one", "gates_one_restat")  # the record's keys, in order
 MULTIDOMAIN_ROW = "Avg"  # a multi-domain run's mean over its domains, as in comparison.md
 COLUMNS = ("setting", "task", "method", "seed", "mean_gate", "acc_trained", "acc_gates_one",
-           "acc_bn", "run_dir")
+           "acc_gates_one_restat", "acc_bn", "run_dir")
 
 
 def set_gates(model: nn.Module, value: float) -> int:
@@ -49,9 +68,9 @@ def set_gates(model: nn.Module, value: float) -> int:
 
 def knockout_run(run_dir: Path, *, device: str = "cpu", root: str | None = None,
                  quiet: bool = False) -> dict[str, Any]:
-    """Evaluate a finished BIN run with its gates as trained and with all gates = 1; write
-    and return the record {"iters", "trained": {domain: acc}, "gates_one": {domain: acc}}
-    (accuracies as fractions)."""
+    """Evaluate a finished BIN run in the three VARIANTS (module docstring); write and return
+    the record {"iters", "trained": {domain: acc}, "gates_one": {...},
+    "gates_one_restat": {...}} (accuracies as fractions)."""
     from domadapt.analysis.report import analysis_sets, load_run
     from domadapt.evaluation import accuracy, predict
     from domadapt.progress import progress
@@ -60,17 +79,37 @@ def knockout_run(run_dir: Path, *, device: str = "cpu", root: str | None = None,
     if root is not None:
         cfg = cfg.replace(root=str(Path(root).resolve()))
     sets, scored, _ = analysis_sets(cfg)
+    models = {"trained": model}
+    models["gates_one"] = copy.deepcopy(model)
+    if set_gates(models["gates_one"], 1.0) == 0:
+        raise UserError(f"{run_dir}: the run has no BIN layers (norm={cfg.norm})")
+    models["gates_one_restat"] = restat_on_source(models["gates_one"], cfg, device=device)
     record: dict[str, Any] = {"iters": cfg.iters}
-    for name, gates in (("trained", None), ("gates_one", 1.0)):
-        if gates is not None and set_gates(model, gates) == 0:
-            raise UserError(f"{run_dir}: the run has no BIN layers (norm={cfg.norm})")
+    for name in VARIANTS:
         record[name] = {}
         for domain in progress(scored, quiet=quiet, desc=f"{run_dir.name} {name}", leave=False):
-            preds, labels = predict(model, sets[domain], batch_size=2 * cfg.batch_size,
+            preds, labels = predict(models[name], sets[domain], batch_size=2 * cfg.batch_size,
                                     num_workers=cfg.num_workers, device=torch.device(device))
             record[name][domain] = accuracy(preds, labels)
     atomic_write_json(run_dir / RECORD, record)
     return record
+
+
+def restat_on_source(model: nn.Module, cfg: RunConfig, *, device: str = "cpu") -> nn.Module:
+    """A copy of `model` whose BN / BIN running statistics are re-estimated (`adapt_batch_stats`)
+    on the run's source training images with the eval transform (multi-domain: the pooled train
+    splits). No target image is read."""
+    from domadapt.data import DomainDataset
+    from domadapt.data.loaders import eval_loader
+    from domadapt.nn.adabn import adapt_batch_stats
+    from domadapt.settings import build_data
+
+    data = build_data(cfg)
+    images = data.evals["source"] if cfg.setting == "transfer" else DomainDataset(
+        data.train["source"].items, next(iter(data.evals.values())).transform)
+    batches = (x.to(device) for x, _ in eval_loader(images, 2 * cfg.batch_size,
+                                                     cfg.num_workers))
+    return adapt_batch_stats(model, batches)
 
 
 def knockout_frame(sweep_dir: Path, *, device: str = "cpu", root: str | None = None,
@@ -90,9 +129,11 @@ def knockout_frame(sweep_dir: Path, *, device: str = "cpu", root: str | None = N
     for run in progress(bins, quiet=quiet, desc="gate knockout"):
         path = run.run_dir / RECORD
         record = read_json(path) if path.is_file() else {}
-        if record.get("iters") == run.config["iters"]:
-            records[run.run_dir] = record
-        elif RunDir(run.run_dir).checkpoint_path.is_file():
+        current = record.get("iters") == run.config["iters"]
+        has_checkpoint = RunDir(run.run_dir).checkpoint_path.is_file()
+        if current and (VARIANTS[-1] in record or not has_checkpoint):
+            records[run.run_dir] = record  # a record made before the restat variant: as it is
+        elif has_checkpoint:
             records[run.run_dir] = knockout_run(run.run_dir, device=device, root=root,
                                                 quiet=quiet)
         else:
@@ -105,7 +146,7 @@ def knockout_frame(sweep_dir: Path, *, device: str = "cpu", root: str | None = N
 
     bn = {cell(r.config): _percent(_scored(r.metrics)) for r in runs if r.config["norm"] == "bn"}
     rows = [dict(zip(COLUMNS, (*cell(run.config), run.metrics.get("mean_gate"),
-                               _percent(rec["trained"]), _percent(rec["gates_one"]),
+                               *(_percent(rec[v]) if v in rec else None for v in VARIANTS),
                                bn.get(cell(run.config)), relative_path(run.run_dir, sweep_dir)),
                      strict=True))
             for run in bins if (rec := records.get(run.run_dir)) is not None]
@@ -120,10 +161,11 @@ def knockout_comparison(frame: pd.DataFrame) -> pd.DataFrame:
     from domadapt.tables import COMPARISON_COLUMNS, stack_comparison
 
     long = frame.melt(id_vars=["setting", "task", "method", "seed"],
-                      value_vars=["acc_trained", "acc_gates_one", "acc_bn"],
+                      value_vars=["acc_trained", "acc_gates_one", "acc_gates_one_restat",
+                                  "acc_bn"],
                       var_name="variant", value_name="accuracy").dropna(subset=["accuracy"])
     long["variant"] = long["variant"].map({"acc_trained": TRAINED, "acc_gates_one": GATES_ONE,
-                                           "acc_bn": BN})
+                                           "acc_gates_one_restat": RESTAT, "acc_bn": BN})
     long["accuracy"] = long["accuracy"].round(9)
     order = {t: i for i, t in enumerate(dict.fromkeys(frame["task"]))}
     records: list[dict[str, Any]] = []
@@ -142,13 +184,18 @@ def knockout_comparison(frame: pd.DataFrame) -> pd.DataFrame:
 
 NOTE = (
     "Gate knockout (`domadapt.analysis.knockout`): every finished BIN run evaluated with its "
-    "gates as trained (`BIN`) and with every gate set to 1 (`BIN gates=1`: y = gamma BN(x) + "
-    "beta in every layer, the same weights), on the target (multi-domain: the mean over the "
-    "domains' test splits, row `Avg`), at the run's last iteration; `BN`: the BN run of the "
-    "same task, method and seed. `BIN - BIN gates=1` is what the instance-normalised share "
-    "(1 - rho) IN(x) contributes at test time; `BIN gates=1 - BN` compares the BIN model's "
-    "batch path with a BN model. Differences in percentage points, paired by task and seed; "
-    "intervals and tests as in comparison.md (row `task means`: the tasks as the units).")
+    "gates as trained (`BIN`), with every gate set to 1 (`BIN gates=1`: y = gamma BN(x) + "
+    "beta in every layer, same weights and running statistics) and with every gate set to 1 "
+    "and the BN running statistics re-estimated on the source training images (`BIN gates=1 "
+    "restat`, no target image), on the target (multi-domain: the mean over the domains' test "
+    "splits, row `Avg`), at the run's last iteration; `BN`: the BN run of the same task, method "
+    "and seed. `BIN - BIN gates=1` mixes what the instance-normalised share (1 - rho) IN(x) "
+    "contributes at test time with the statistics shift its removal causes in later layers; "
+    "`BIN - BIN gates=1 restat` removes that shift. `... - BN` compares the BIN model's batch "
+    "path with a BN model. Differences in percentage points, paired by task and seed; "
+    "intervals and tests as in comparison.md (row `task means`: the tasks as the units). "
+    "Records made before the restat variant existed (no checkpoint left to re-evaluate) have "
+    "no restat column; their rows are left out of the restat comparisons.")
 
 
 def knockout_report(sweep_dir: str | Path, *, device: str = "cpu", root: str | None = None,
