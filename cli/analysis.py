@@ -107,9 +107,29 @@ def gate_knockout(
         typer.echo(f"wrote {path}")
 
 
+def evidence(
+    sweep_dir: Annotated[Path, typer.Argument(
+        help="A sweep directory with runs of both norms.", show_default=False)],
+    method: Annotated[str, typer.Option(help="The method whose runs are compared.")] = "dann",
+    baseline: Annotated[str, typer.Option(help="Norm b of a - b.")] = "bn",
+    treatment: Annotated[str, typer.Option(help="Norm a of a - b.")] = "bin",
+) -> None:
+    """The pre-registered analysis of TREATMENT against BASELINE (results/pacs-long/README.md):
+    the primary comparison at the last evaluation and the secondary family (trajectory,
+    AdaBN, selection rules, gate knockout, each domain left out), tasks as units, secondary
+    p-values Holm-corrected; writes evidence.csv/.md beside the sweep's tables.
+    """
+    from domadapt.analysis.evidence import evidence_report
+
+    for path in evidence_report(sweep_dir, method=method, baseline=baseline,
+                                treatment=treatment):
+        typer.echo(f"wrote {path}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
     app.command()(gates)
     app.command()(analyze)
     app.command()(compare)
     app.command("gate-knockout")(gate_knockout)
+    app.command()(evidence)

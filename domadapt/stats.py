@@ -34,8 +34,8 @@ from scipy import stats as sps
 
 from domadapt.errors import UserError
 
-__all__ = ["EXACT_MAX_N", "all_comparisons", "paired_comparison", "paired_differences",
-           "t_interval", "wilcoxon_signed_rank"]
+__all__ = ["EXACT_MAX_N", "all_comparisons", "holm", "paired_comparison",
+           "paired_differences", "t_interval", "wilcoxon_signed_rank"]
 
 EXACT_MAX_N = 50
 DECIMALS = 9
@@ -49,6 +49,22 @@ def t_interval(d: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[fl
         return float("nan"), float("nan")
     half = sps.t.ppf((1 + level) / 2, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
     return float(d.mean() - half), float(d.mean() + half)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (Holm, 1979), in the input order:
+    sorted ascending p_(1) <= ... <= p_(m), adjusted p_(i) = max_{j <= i} min(1, (m - j + 1)
+    p_(j)). Rejecting where adjusted p < alpha keeps the family-wise error rate at alpha. NaN
+    p-values (no test) stay NaN and do not count in m."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
 
 
 def wilcoxon_signed_rank(d: Sequence[float] | np.ndarray) -> dict[str, float | int | str]:

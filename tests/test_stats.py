@@ -157,3 +157,13 @@ def test_float_noise_neither_hides_a_zero_nor_breaks_a_tie():
     assert pairs["p_method"] == "normal approximation"  # |0.1| three times: ties
     assert tasks["n"] == 3 and tasks["n_zero"] == 1  # T2's mean difference is 0
     assert tasks["mean_diff"] == pytest.approx((0.1 + 0.0 + 1.0) / 3)
+
+
+def test_holm_adjusts_step_down_in_input_order() -> None:
+    from domadapt.stats import holm
+
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.04 -> 0.04, 0.06, 0.06 (monotone), 0.06
+    assert holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    out = holm([0.01, float("nan"), 0.04])  # NaN: no test, not counted (m = 2)
+    assert out[0] == pytest.approx(0.02) and math.isnan(out[1]) and out[2] == pytest.approx(0.04)

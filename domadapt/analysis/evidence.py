@@ -1,0 +1,245 @@
+"""A pre-registered analysis of one norm against another (`domadapt evidence`): one primary
+comparison and a family of secondary ones, each over the tasks as units, the secondary p-values
+Holm-corrected together.
+
+For a sweep with a `baseline` and a `treatment` norm under one method (default: BN and BIN
+under DANN), transfer runs only. Every comparison is `a - b` in percentage points, paired by
+task and seed; each task's difference is the mean over its seeds, and the 12 (or however many
+finished) task means are the units: a 95 % Student-t interval and the exact two-sided Wilcoxon
+signed-rank p over them (`stats.paired_comparison`, unit "tasks").
+
+    primary     treatment - baseline at the last evaluation (metrics.json's target_acc)
+    trajectory  the same at every earlier evaluation (log.csv)
+    adabn       treatment - baseline with AdaBN; treatment + AdaBN - baseline + AdaBN
+                (`target_acc_adabn`, runs trained with --adabn)
+    selection   treatment - baseline with the evaluation chosen by each rule that needs no
+                target label (source, dev, entropy, snd); `oracle` is reported, labelled,
+                and not tested
+    knockout    BIN - BIN gates=1, BIN - BIN gates=1 restat, BIN gates=1 restat - BN
+                (`gate_knockout.json` records, `analysis.knockout`)
+    robustness  the primary comparison with each domain left out of the task set
+
+Decision rules (stated before the results in results/pacs-long/README.md): the primary
+difference is a finding when its t interval excludes 0 *and* Wilcoxon p < 0.05 (in the same
+direction); a secondary one when its Holm-adjusted p < 0.05. Anything else is "not shown",
+with its interval. Comparisons whose records are missing are listed as such, not dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from domadapt.errors import UserError
+from domadapt.io import read_json
+
+PRIMARY, SECONDARY, ORACLE = "primary", "secondary", "oracle (not tested)"
+LABEL_FREE_RULES = ("source", "dev", "entropy", "snd")
+COLUMNS = ("family", "group", "comparison", "n_tasks", "n_pairs", "mean_diff", "ci_low",
+           "ci_high", "p_value", "p_holm", "verdict")
+
+
+def _task_rows(runs: list[Any], method: str, norms: tuple[str, str]) -> list[Any]:
+    return [r for r in runs if r.config["setting"] == "transfer"
+            and r.config["method"] == method and r.config["norm"] in norms]
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["task", "seed", "variant", "accuracy"])
+
+
+def _compare(frame: pd.DataFrame, a: str, b: str) -> dict[str, Any]:
+    """n_tasks, n_pairs, mean_diff, ci_low, ci_high, p_value of a - b over task means."""
+    from domadapt.stats import paired_comparison
+
+    empty = {"n_tasks": 0, "n_pairs": 0, "mean_diff": math.nan, "ci_low": math.nan,
+             "ci_high": math.nan, "p_value": math.nan}
+    if frame.empty or not {a, b} <= set(frame["variant"]):
+        return empty
+    frame = frame.assign(accuracy=frame["accuracy"].round(9))
+    _, overall = paired_comparison(frame, "variant", a, b)
+    if overall.empty:
+        return empty
+    by_unit = overall.set_index("unit")
+    tasks = by_unit.loc["tasks"]
+    return {"n_tasks": int(tasks["n"]), "n_pairs": int(by_unit.loc["pairs", "n"]),
+            "mean_diff": float(tasks["mean_diff"]), "ci_low": float(tasks["ci_low"]),
+            "ci_high": float(tasks["ci_high"]), "p_value": float(tasks["p_value"])}
+
+
+def evidence_frame(sweep_dir: Path, *, method: str = "dann", baseline: str = "bn",
+                   treatment: str = "bin") -> pd.DataFrame:
+    """COLUMNS, one row per comparison (module docstring), primary first."""
+    from domadapt.analysis.knockout import RECORD as KNOCKOUT
+    from domadapt.tables import load_sweep, selected_scores
+
+    layout, all_runs, _ = load_sweep(sweep_dir)
+    runs = _task_rows(all_runs, method, (baseline, treatment))
+    for norm in (baseline, treatment):
+        if not any(r.config["norm"] == norm for r in runs):
+            raise UserError(f"{sweep_dir}: no finished {method} transfer run with --norm {norm}")
+    tb, bb = treatment.upper(), baseline.upper()
+    task = {id(r): layout.task_label(r.config["source"], r.config["target"]) for r in runs}
+    domains_of = {id(r): (r.config["source"], r.config["target"]) for r in runs}
+
+    def last(column: str = "target_acc", label: Callable[[Any], str] = lambda r: r.config[
+            "norm"]) -> pd.DataFrame:
+        return _frame([{"task": task[id(r)], "seed": r.config["seed"], "variant": label(r),
+                        "accuracy": 100.0 * r.metrics[column]}
+                       for r in runs if r.metrics.get(column) is not None])
+
+    def logged(column: str, iteration: int, suffix: str = "") -> pd.DataFrame:
+        rows = []
+        for r in runs:
+            if r.log is None or column not in r.log:
+                continue
+            hit = r.log.loc[r.log["iter"] == iteration, column].dropna()
+            if len(hit):
+                rows.append({"task": task[id(r)], "seed": r.config["seed"],
+                             "variant": r.config["norm"] + suffix,
+                             "accuracy": 100.0 * float(hit.iloc[-1])})
+        return _frame(rows)
+
+    specs: list[tuple[str, str, str, pd.DataFrame, str, str]] = []
+    primary = last()
+    specs.append((PRIMARY, "primary", f"{tb} - {bb}, last evaluation", primary, treatment,
+                  baseline))
+    iters = sorted({int(i) for r in runs if r.log is not None for i in r.log["iter"]})
+    final = max((int(r.config["iters"]) for r in runs), default=0)
+    for i in (i for i in iters if i < final):
+        specs.append((SECONDARY, "trajectory", f"{tb} - {bb}, iteration {i}",
+                      logged("target_acc", i), treatment, baseline))
+    adabn = pd.concat([last(label=lambda r: r.config["norm"]),
+                       last("target_acc_adabn", lambda r: r.config["norm"] + "+adabn")],
+                      ignore_index=True)
+    specs += [(SECONDARY, "adabn", f"{tb} - {bb}+AdaBN", adabn, treatment, baseline + "+adabn"),
+              (SECONDARY, "adabn", f"{tb}+AdaBN - {bb}+AdaBN", adabn, treatment + "+adabn",
+               baseline + "+adabn")]
+    for rule in (*LABEL_FREE_RULES, "oracle"):
+        try:
+            scores, _ = selected_scores(runs, layout, rule)
+        except UserError:  # the runs did not log that validator
+            scores = pd.DataFrame(columns=["row", "seed", "norm", "acc"])
+        frame = _frame([{"task": s["row"], "seed": s["seed"], "variant": s["norm"],
+                         "accuracy": s["acc"]} for s in scores.to_dict("records")])
+        specs.append((ORACLE if rule == "oracle" else SECONDARY, "selection",
+                      f"{tb} - {bb}, selected by {rule}"
+                      + (" (target labels)" if rule == "oracle" else ""), frame, treatment,
+                      baseline))
+    knock = []
+    for r in runs:
+        path = r.run_dir / KNOCKOUT
+        if r.config["norm"] == baseline:
+            knock.append({"task": task[id(r)], "seed": r.config["seed"], "variant": bb,
+                          "accuracy": 100.0 * r.metrics["target_acc"]})
+        elif path.is_file():
+            record = read_json(path)
+            for key, variant in (("trained", tb), ("gates_one", f"{tb} gates=1"),
+                                 ("gates_one_restat", f"{tb} gates=1 restat")):
+                if key in record:
+                    accs = list(record[key].values())
+                    knock.append({"task": task[id(r)], "seed": r.config["seed"],
+                                  "variant": variant, "accuracy": 100.0 * sum(accs) / len(accs)})
+    knock_frame = _frame(knock)
+    for a, b in ((tb, f"{tb} gates=1"), (tb, f"{tb} gates=1 restat"),
+                 (f"{tb} gates=1 restat", bb)):
+        specs.append((SECONDARY, "knockout", f"{a} - {b}", knock_frame, a, b))
+    for domain in layout.domains:
+        keep = {task[id(r)] for r in runs if domain not in domains_of[id(r)]}
+        specs.append((SECONDARY, "robustness",
+                      f"{tb} - {bb}, last evaluation, without {layout.short_names[domain]}",
+                      primary[primary["task"].isin(keep)], treatment, baseline))
+
+    rows = [{"family": fam, "group": group, "comparison": name, **_compare(frame, a, b)}
+            for fam, group, name, frame, a, b in specs]
+    out = pd.DataFrame(rows)
+    secondary = out["family"] == SECONDARY
+    out["p_holm"] = math.nan
+    if secondary.any():
+        from domadapt.stats import holm
+
+        out.loc[secondary, "p_holm"] = holm(out.loc[secondary, "p_value"].tolist())
+    out["verdict"] = [_verdict(r) for r in out.to_dict("records")]
+    return out[list(COLUMNS)]
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    """The pre-registered decision rule (module docstring)."""
+    if row["n_tasks"] == 0:
+        return "no records"
+    if row["family"] == ORACLE:
+        return "not tested (oracle)"
+    p = row["p_value"] if row["family"] == PRIMARY else row["p_holm"]
+    if row["family"] == PRIMARY:
+        lo, hi = row["ci_low"], row["ci_high"]
+        if p < 0.05 and lo > 0:
+            return "finding: a > b"
+        if p < 0.05 and hi < 0:
+            return "finding: a < b"
+        return "not shown"
+    if p < 0.05:
+        return "supported: a > b" if row["mean_diff"] > 0 else "supported: a < b"
+    return "not shown"
+
+
+NOTE = (
+    "Pre-registered analysis (`domadapt.analysis.evidence`): differences `a - b` in percentage "
+    "points, paired by task and seed; each task's difference is its seeds' mean and the tasks "
+    "are the units (n_tasks): mean, 95 % Student-t interval and exact two-sided Wilcoxon "
+    "signed-rank p over the task means (n_pairs: the (task, seed) pairs behind them). Primary: "
+    "a finding when the interval excludes 0 and p < 0.05. Secondary: p-values Holm-corrected "
+    "as one family (p_holm); supported when p_holm < 0.05; intervals unadjusted. `not shown` "
+    "is no evidence either way: the interval says which effects the runs rule out. The oracle "
+    "row picks each run's evaluation with target labels: reported, never tested, never the "
+    "headline.")
+
+
+def evidence_report(sweep_dir: str | Path, *, method: str = "dann", baseline: str = "bn",
+                    treatment: str = "bin") -> list[Path]:
+    """evidence.csv and evidence.md beside the sweep's tables. Returns the paths written."""
+    from domadapt.analysis.report import find_tables
+    from domadapt.tables import write_csv_atomic, write_markdown_parts
+
+    sweep_dir = Path(sweep_dir)
+    frame = evidence_frame(sweep_dir, method=method, baseline=baseline, treatment=treatment)
+    out_dir = find_tables(sweep_dir)
+    csv = write_csv_atomic(frame.round({c: 4 for c in ("mean_diff", "ci_low", "ci_high")})
+                           .round({"p_value": 6, "p_holm": 6}), out_dir / "evidence.csv",
+                           index=False)
+    shown = pd.DataFrame({
+        "comparison": frame["comparison"], "tasks": frame["n_tasks"],
+        "pairs": frame["n_pairs"],
+        "diff": [_fmt(v, signed=True) for v in frame["mean_diff"]],
+        "95% CI (t)": [f"[{_fmt(lo, signed=True)}, {_fmt(hi, signed=True)}]"
+                       if not math.isnan(lo) else "" for lo, hi in
+                       zip(frame["ci_low"], frame["ci_high"], strict=True)],
+        "p (Wilcoxon)": [_fmt_p(p) for p in frame["p_value"]],
+        "p (Holm)": [_fmt_p(p) for p in frame["p_holm"]],
+        "verdict": frame["verdict"],
+    })
+    sections = [(title, shown[frame["family"] == fam].set_index("comparison"))
+                for fam, title in ((PRIMARY, "Primary comparison"),
+                                   (SECONDARY, "Secondary comparisons (one Holm family)"),
+                                   (ORACLE, "Oracle (target labels; not tested)"))
+                if (frame["family"] == fam).any()]
+    md = write_markdown_parts(out_dir / "evidence.md",
+                              f"{treatment.upper()} against {baseline.upper()} under {method}",
+                              NOTE, sections, f"domadapt evidence {sweep_dir}")
+    return [csv, md]
+
+
+def _fmt(value: float, *, signed: bool = False) -> str:
+    if math.isnan(value):
+        return ""
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _fmt_p(p: float) -> str:
+    if math.isnan(p):
+        return ""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
