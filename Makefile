@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo lint bench gpu-check clean
+.PHONY: test demo lint bench gpu-check results-tables clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: $(STAMP)
 # Elsewhere it prints one line and succeeds.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# Rebuild every committed table and report under results/ from the committed run records.
+results-tables: $(STAMP)
+	bash results/regenerate.sh
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Annotated, Any
@@ -155,7 +156,10 @@ def _key_values(items: list[str], option: str) -> dict[str, Any]:
 
 
 def _command_line(ctx: typer.Context) -> str:
-    """The command as typed, normalized: every option given on the command line, in order."""
+    """The command as typed, normalized: every option given on the command line, in order;
+    absolute paths made relative to the working directory (`provenance.portable_path`)."""
+    from domadapt.provenance import portable_path
+
     words: list[str] = []
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name)
@@ -168,5 +172,6 @@ def _command_line(ctx: typer.Context) -> str:
             for v in value:
                 words += [param.opts[0], str(v)]
         else:
-            words += [param.opts[0], str(value)]
+            text = str(value)
+            words += [param.opts[0], portable_path(text) if os.path.isabs(text) else text]
     return f"{ctx.command_path} {shlex.join(words)}"

@@ -143,3 +143,19 @@ def test_recorded_commands_and_paths_are_relative(tmp_path, monkeypatch):
                             f"--root={tmp_path / 'data'}", "--iters", "3"])
     assert cmd == "domadapt sweep --out sweeps/a --root=data --iters 3"
     assert portable_path("../x/y") == "../x/y"
+
+
+def test_a_sweep_records_its_command_with_relative_paths(run_cli, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sweeps" / "s"
+    code, _, err = run_cli("sweep", "--dataset", "styledigits", "--preset", "styledigits",
+                           "--tasks", "G:C", "--methods", "source-only", "--norms", "bn",
+                           "--seeds", "0", "--iters", "2", "--eval-every", "2",
+                           "--checkpoint-every", "2", "--image-size", "16", "--resize-size",
+                           "18", "--device", "cpu", "--quiet", "--out", str(out))
+    assert code == 0, err
+    record = json.loads((out / "sweep.json").read_text())
+    assert "--out sweeps/s" in record["command"] and str(tmp_path) not in record["command"]
+    (run_dir,) = (out / "runs").iterdir()
+    info = json.loads((run_dir / "config.json").read_text())
+    assert str(tmp_path) not in json.dumps(info)
