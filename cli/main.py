@@ -21,7 +21,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from cli import analysis, data, plugins, sweep, train
+    from . import analysis, data, plugins, sweep, train
 
     app.add_typer(data.app, name="data")
     train.register(app)
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(e.format_message(), getattr(e, "exit_code", 2))
     except typer.Abort:  # Ctrl-C outside a run's own handler
         _fail("interrupted", 130)
-    except UserError as e:
-        _fail(str(e), 2)
+    except UserError as e:  # 1: failed at run time; 2: a UsageError (as click's own)
+        _fail(str(e), e.exit_code)
     except OSError as e:
         what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         where = f": {e.filename}" if getattr(e, "filename", None) else ""

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
 
 from domadapt.config import core_fields, plugin_options
+from domadapt.errors import UsageError, UserError
 
 PANEL_PLUGINS = "Method / norm options"
 
@@ -80,3 +82,15 @@ def config_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any
         return wrapper
 
     return decorate
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """A UserError raised inside (reading the options: config, grid, launcher) is a usage
+    error, exit code 2; one raised later, while the work runs, exits with 1."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except UserError as e:
+        raise UsageError(str(e)) from None

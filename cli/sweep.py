@@ -8,9 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.options import config_options, option
-from cli.train import Device, Preset, Quiet
 from domadapt.errors import UserError
+
+from .options import config_options, option, usage_errors
+from .train import Device, Preset, Quiet
 
 _G, _L = "Grid", "Launcher"
 
@@ -75,13 +76,14 @@ def register(app: typer.Typer) -> None:
         from domadapt.sweep import make_launcher, plan_sweep, run_sweep
 
         train_options = options or {}
-        backend = make_launcher(launcher, workers=workers, device=device, sweep_dir=out,
-                                slurm=_key_values(slurm or [], "--slurm"))
-        plan = plan_sweep(
-            dataset=dataset, root=None if root is None else str(root), tasks=tasks,
-            methods=methods, norms=norms, seeds=seeds, multidomain=multidomain, preset=preset,
-            command=_command_line(ctx), **train_options,
-        )
+        with usage_errors():
+            backend = make_launcher(launcher, workers=workers, device=device, sweep_dir=out,
+                                    slurm=_key_values(slurm or [], "--slurm"))
+            plan = plan_sweep(
+                dataset=dataset, root=None if root is None else str(root), tasks=tasks,
+                methods=methods, norms=norms, seeds=seeds, multidomain=multidomain,
+                preset=preset, command=_command_line(ctx), **train_options,
+            )
         try:
             report = run_sweep(plan, out, backend, results_dir=results, device=device,
                                quiet=quiet)

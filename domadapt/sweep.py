@@ -390,7 +390,8 @@ def make_launcher(name: str, *, workers: int | None, device: str, sweep_dir: Pat
                   slurm: dict[str, Any] | None = None) -> Launcher:
     """The launcher called `name`; `local` with more than one worker runs processes.
 
-    `workers=None` means one per visible GPU, else one per CPU core (each on one thread).
+    `workers=None` means one per visible GPU (one for `mps`: a Mac has one), else one per
+    CPU core (each on one thread).
     """
     check_choice("launcher", name, LAUNCHERS)
     if name == "submitit":
@@ -405,7 +406,7 @@ def make_launcher(name: str, *, workers: int | None, device: str, sweep_dir: Pat
     gpus = visible_gpus(device)
     cores = usable_cores()
     if workers is None:
-        workers = len(gpus) or cores
+        workers = 1 if device.startswith("mps") else len(gpus) or cores
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     if workers == 1:
