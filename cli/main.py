@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import signal
 import sys
 from types import FrameType
@@ -16,7 +17,7 @@ app = typer.Typer(
     help="Domain adaptation with Batch-Instance Normalization and DANN.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion; registry names complete
 )
 
 
@@ -28,6 +29,18 @@ def _register() -> None:
     sweep.register(app)
     analysis.register(app)
     plugins.register(app)
+    _unwrap_help(app)
+
+
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    """A docstring's single line breaks are source layout: join each paragraph of every
+    command's help into one line, so that help wraps to the terminal (typer's rich mode would
+    print the source's breaks in the command list)."""
+    for info in typer_app.registered_commands:
+        text = info.help or inspect.getdoc(info.callback) or ""
+        info.help = "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
+    for group in typer_app.registered_groups:
+        _unwrap_help(group.typer_instance)
 
 
 _register()

@@ -16,16 +16,17 @@ from .train import Device, Preset, Quiet
 _G, _L = "Grid", "Launcher"
 
 SweepDataset = Annotated[str, option("--dataset", help="officehome | pacs | styledigits | folder",
-                                   panel=_G)]
+                                   panel=_G, registry="dataset")]
 SweepOut = Annotated[Path, option("--out",
                                 help="sweep directory: runs/, sweep.json (re-run to resume)")]
 Root = Annotated[Path | None, option("--root", help="dataset folder (optional for styledigits)",
                                    panel=_G)]
 Tasks = Annotated[str, option("--tasks", panel=_G,
                             help="all | S:T,S:T,... (full or short domain names)")]
-Methods = Annotated[str, option("--methods", panel=_G,
+Methods = Annotated[str, option("--methods", panel=_G, registry="method",
                               help="comma list of methods", default="source-only,dann")]
-Norms = Annotated[str, option("--norms", help="comma list of norms", panel=_G, default="bn,bin")]
+Norms = Annotated[str, option("--norms", help="comma list of norms", panel=_G, default="bn,bin",
+                            registry="norm")]
 Seeds = Annotated[str, option("--seeds", help="comma list of integers", panel=_G)]
 Multidomain = Annotated[bool, option("--multidomain/--no-multidomain", panel=_G,
                                    help="also one multi-domain run per norm and seed")]
