@@ -65,11 +65,6 @@ class DistContext:
 DEVICES = "auto | cpu | cuda | mps"
 
 
-def mps_available() -> bool:
-    """An Apple GPU that torch can use (Metal Performance Shaders)."""
-    return torch.backends.mps.is_available()
-
-
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """"auto" -> CUDA when available, else CPU (never MPS: asked for by name, as it is not
     tested yet); "cuda" under torchrun -> cuda:LOCAL_RANK; "mps" -> the Apple GPU. A device
@@ -86,7 +81,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     elif dev.type == "mps":
-        if not mps_available():
+        if not torch.backends.mps.is_available():  # Apple GPU (Metal Performance Shaders)
             raise UserError(f"--device {device}: no Apple GPU (MPS) on this machine; use "
                             f"--device cpu")
     elif dev.type != "cpu":

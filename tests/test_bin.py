@@ -247,6 +247,7 @@ def test_untrusted_cached_library_is_refused(threat: str, fresh_kernel: Path, tm
     assert bin_module._c_library() is None
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torch path" in err[0] and "not owned by this user" in err[0]
+    assert "set DOMADAPT_CACHE" in err[0]
     assert bin_module.kernel_info()["kernel"] == "torch"
 
 

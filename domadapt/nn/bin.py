@@ -141,6 +141,10 @@ def _compiler_version(cc: str) -> str:
         return cc
 
 
+class _Untrusted(OSError):
+    """A cached library that this process must not load."""
+
+
 def _trusted(path: Path) -> bool:
     """A cached library may be loaded only if this user owns it and nobody else may write it
     (else another user could put code into this process)."""
@@ -157,8 +161,8 @@ def _build_library(cc: str, flags: list[str], cache: Path) -> Path:
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     if lib.exists():
         if not _trusted(lib):
-            raise OSError(f"{lib} is not owned by this user or is writable by others; "
-                          f"not loaded")
+            raise _Untrusted(f"{lib} is not owned by this user or is writable by others; "
+                             f"not loaded")
         return lib
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, so = Path(tmp) / "bin_kernels.c", Path(tmp) / "bin_kernels.so"
@@ -177,9 +181,10 @@ def _c_library() -> ctypes.CDLL | None:
     source, the compiler and its version, and the flags (`kernel_flags()`: an explicit ISA
     level, no FMA contraction, so CPUs of one level get identical results). A cached file is
     loaded only if this user owns it and nobody else may write it. When the compiler cannot
-    build with OpenMP threads, the kernels are built without them (same results on one thread). DOMADAPT_BIN_KERNEL=torch disables
-    them. Any other failure (no compiler, an untrusted cached file, Windows) leaves the torch
-    path with one line on stderr; `kernel_info()` says which ran and why.
+    build with OpenMP threads, the kernels are built without them (same results on one
+    thread). DOMADAPT_BIN_KERNEL=torch disables them. Any other failure (no compiler, an
+    untrusted cached file, Windows) leaves the torch path with one line on stderr;
+    `kernel_info()` says which ran and why.
     """
     global _c_lib, _c_tried
     if _c_tried:
@@ -209,9 +214,10 @@ def _c_library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         why = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(
             e, subprocess.CalledProcessError) and e.stderr else [str(e)]
-        return _fall_back((why or ["build failed"])[0],
-                          "install a C compiler (gcc or clang; Xcode's command line tools "
-                          "on macOS)")
+        return _fall_back((why or ["build failed"])[0], (
+            "delete that file, or set DOMADAPT_CACHE to a folder of your own"
+            if isinstance(e, _Untrusted) else
+            "install a working C compiler (gcc or clang; Xcode's command line tools on macOS)"))
     return _c_lib
 
 
