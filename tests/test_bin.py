@@ -278,7 +278,7 @@ def test_build_without_openmp_gives_the_same_results(fresh_kernel: Path, tmp_pat
     """A compiler that rejects -fopenmp (Apple's clang) gets the kernels without threads
     (-fopenmp-simd), whose results on one thread equal the OpenMP build's bit for bit."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None or bin_module._flag_sets()[0][4:5] != ["-fopenmp"]:
+    if cc is None or "-fopenmp" not in bin_module._flag_sets()[0]:
         pytest.skip("needs a C compiler with -fopenmp")
 
     def outputs() -> list[Tensor]:
