@@ -28,7 +28,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_bin.py
 
-# On a CUDA machine: BIN's CUDA tests and the GPU benchmark (fp32, bf16; both layouts).
+# On a CUDA machine (<= ~10 min): the CUDA tests, the GPU benchmark (fp32, bf16; both layouts)
+# and a 200-iteration DANN + BIN run with AMP, all written to benchmarks/gpu/<device>/.
 # Elsewhere it prints one line and succeeds.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py

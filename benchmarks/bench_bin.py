@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from domadapt.nn import BatchInstanceNorm2d
 from domadapt.norms import convert_norm
 
 VARIANTS = ("bn", "bin", "naive")
+HAS_PROC = os.path.exists("/proc/self/clear_refs")  # Linux: peak resident memory measurable
 
 
 class NaiveBIN(BatchInstanceNorm2d):
@@ -118,7 +120,7 @@ def time_case(net: str, size: int, channels_last: bool, args: argparse.Namespace
     saved = {v: saved_activations_mib(models[v], args.batch, size, channels_last, args.device,
                                       dtype)
              for v in VARIANTS}
-    memory = args.memory and args.device == "cpu"
+    memory = args.memory and args.device == "cpu" and HAS_PROC  # peak memory: Linux only
     peak = {v: peak_memory(net, v, size, channels_last, args) for v in VARIANTS} if memory else {}
     layout = "channels_last" if channels_last else "NCHW"
     print(f"{net}: batch {args.batch}, {size}px, {args.reps} interleaved reps, "

@@ -1,6 +1,7 @@
-"""`python -m cli ...` (also the entry used by `torchrun -m cli`)."""
+"""`python -m cli ...` from the repository, `python -m domadapt_cli ...` where installed (also
+the entry for `torchrun -m ...`)."""
 
-from cli.main import main
+from .main import main
 
 if __name__ == "__main__":
     main()

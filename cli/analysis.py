@@ -43,7 +43,7 @@ def analyze(
         help="Points per domain in the t-SNE figure.")] = 500,
     root: Annotated[str | None, typer.Option(
         help="Dataset root, if not where the run found it.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of subsampling, probe splits and t-SNE.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -88,7 +88,7 @@ def gate_knockout(
         help="A sweep directory with BIN runs.", show_default=False)],
     root: Annotated[str | None, typer.Option(
         help="Dataset root, if not where the runs found it.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """What BIN's instance-normalised share carries: each BIN run scored with its gates as

@@ -15,13 +15,16 @@ from domadapt.data.styledigits import write_styledigits
 from domadapt.data.tools import build_resized_cache, check_dataset
 from domadapt.errors import UserError
 
+from .options import complete
+
 app = typer.Typer(
     help="Datasets: manifests, splits, checks, caches, the embedded styledigits.",
     no_args_is_help=True,
 )
 
 Dataset = Annotated[
-    str, typer.Option("--dataset", "-D", help="officehome | pacs | folder | styledigits")
+    str, typer.Option("--dataset", "-D", help="officehome | pacs | folder | styledigits",
+                      autocompletion=complete("dataset"))
 ]
 Root = Annotated[
     Path | None,

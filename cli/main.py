@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import signal
 import sys
 from types import FrameType
@@ -16,18 +17,30 @@ app = typer.Typer(
     help="Domain adaptation with Batch-Instance Normalization and DANN.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion; registry names complete
 )
 
 
 def _register() -> None:
-    from cli import analysis, data, plugins, sweep, train
+    from . import analysis, data, plugins, sweep, train
 
     app.add_typer(data.app, name="data")
     train.register(app)
     sweep.register(app)
     analysis.register(app)
     plugins.register(app)
+    _unwrap_help(app)
+
+
+def _unwrap_help(typer_app: typer.Typer) -> None:
+    """A docstring's single line breaks are source layout: join each paragraph of every
+    command's help into one line, so that help wraps to the terminal (typer's rich mode would
+    print the source's breaks in the command list)."""
+    for info in typer_app.registered_commands:
+        text = info.help or inspect.getdoc(info.callback) or ""
+        info.help = "\n\n".join(" ".join(p.split()) for p in text.split("\n\n"))
+    for group in typer_app.registered_groups:
+        _unwrap_help(group.typer_instance)
 
 
 _register()
@@ -43,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(e.format_message(), getattr(e, "exit_code", 2))
     except typer.Abort:  # Ctrl-C outside a run's own handler
         _fail("interrupted", 130)
-    except UserError as e:
-        _fail(str(e), 2)
+    except UserError as e:  # 1: failed at run time; 2: a UsageError (as click's own)
+        _fail(str(e), e.exit_code)
     except OSError as e:
         what = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         where = f": {e.filename}" if getattr(e, "filename", None) else ""

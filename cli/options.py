@@ -10,20 +10,49 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
 
-from domadapt.config import core_fields, plugin_options
+from domadapt.backbones import BACKBONES, FAMILIES
+from domadapt.config import PRESETS, core_fields, plugin_options
+from domadapt.data import list_datasets
+from domadapt.errors import UsageError, UserError
+from domadapt.methods import METHODS
+from domadapt.norms import NORMS
 
 PANEL_PLUGINS = "Method / norm options"
 
 
+# What the shell completes for an option, by the registry its value names (`--methods bn,b`
+# completes the last item of a comma list).
+REGISTRY_NAMES: dict[str, Callable[[], Iterable[str]]] = {
+    "method": METHODS.names,
+    "norm": NORMS.names,
+    "backbone": lambda: [*BACKBONES.names(), *(f"{f}:" for f in FAMILIES.names())],
+    "dataset": lambda: [d.name for d in list_datasets()],
+    "preset": lambda: PRESETS,
+}
+
+
+def complete(registry: str) -> Callable[[str], list[str]]:
+    """Shell completion of names from `registry` (a key of REGISTRY_NAMES)."""
+
+    def names(incomplete: str) -> list[str]:
+        head, comma, last = incomplete.rpartition(",")
+        return [f"{head}{comma}{n}" for n in REGISTRY_NAMES[registry]() if n.startswith(last)]
+
+    return names
+
+
 def option(*names: str, help: str, panel: str = "Run", default: str | bool = True,
-           **kw: Any) -> Any:
+           registry: str | None = None, **kw: Any) -> Any:
     """A typer option in a help panel; `default`: the text shown as its default (True: the
-    parameter's own default)."""
+    parameter's own default); `registry`: complete its value from that registry's names."""
+    if registry is not None:
+        kw["autocompletion"] = complete(registry)
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=default, **kw)
 
 
@@ -35,8 +64,9 @@ def _flag(name: str, kind: type) -> tuple[str, ...]:
 def _parameter(name: str, kind: Any, help: str, default: Any, panel: str) -> inspect.Parameter:
     shown = "none" if default is None else str(default).lower() if kind is bool else str(default)
     base = bool if kind is bool else int if kind is int else float if kind is float else str
-    annotation = Annotated[base | None, option(*_flag(name, base), help=help, panel=panel,
-                                                default=shown)]
+    annotation = Annotated[base | None, option(
+        *_flag(name, base), help=help, panel=panel, default=shown,
+        registry=name if name in REGISTRY_NAMES else None)]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=annotation)
 
@@ -80,3 +110,15 @@ def config_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any
         return wrapper
 
     return decorate
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """A UserError raised inside (reading the options: config, grid, launcher) is a usage
+    error, exit code 2; one raised later, while the work runs, exits with 1."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except UserError as e:
+        raise UsageError(str(e)) from None

@@ -9,23 +9,25 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.options import config_options, option
-from cli.train import Device, Preset, Quiet
 from domadapt.errors import UserError
+
+from .options import config_options, option, usage_errors
+from .train import Device, Preset, Quiet
 
 _G, _L = "Grid", "Launcher"
 
 SweepDataset = Annotated[str, option("--dataset", help="officehome | pacs | styledigits | folder",
-                                   panel=_G)]
+                                   panel=_G, registry="dataset")]
 SweepOut = Annotated[Path, option("--out",
                                 help="sweep directory: runs/, sweep.json (re-run to resume)")]
 Root = Annotated[Path | None, option("--root", help="dataset folder (optional for styledigits)",
                                    panel=_G)]
 Tasks = Annotated[str, option("--tasks", panel=_G,
                             help="all | S:T,S:T,... (full or short domain names)")]
-Methods = Annotated[str, option("--methods", panel=_G,
+Methods = Annotated[str, option("--methods", panel=_G, registry="method",
                               help="comma list of methods", default="source-only,dann")]
-Norms = Annotated[str, option("--norms", help="comma list of norms", panel=_G, default="bn,bin")]
+Norms = Annotated[str, option("--norms", help="comma list of norms", panel=_G, default="bn,bin",
+                            registry="norm")]
 Seeds = Annotated[str, option("--seeds", help="comma list of integers", panel=_G)]
 Multidomain = Annotated[bool, option("--multidomain/--no-multidomain", panel=_G,
                                    help="also one multi-domain run per norm and seed")]
@@ -76,13 +78,14 @@ def register(app: typer.Typer) -> None:
         from domadapt.sweep import make_launcher, plan_sweep, run_sweep
 
         train_options = options or {}
-        backend = make_launcher(launcher, workers=workers, device=device, sweep_dir=out,
-                                slurm=_key_values(slurm or [], "--slurm"))
-        plan = plan_sweep(
-            dataset=dataset, root=None if root is None else str(root), tasks=tasks,
-            methods=methods, norms=norms, seeds=seeds, multidomain=multidomain, preset=preset,
-            command=_command_line(ctx), **train_options,
-        )
+        with usage_errors():
+            backend = make_launcher(launcher, workers=workers, device=device, sweep_dir=out,
+                                    slurm=_key_values(slurm or [], "--slurm"))
+            plan = plan_sweep(
+                dataset=dataset, root=None if root is None else str(root), tasks=tasks,
+                methods=methods, norms=norms, seeds=seeds, multidomain=multidomain,
+                preset=preset, command=_command_line(ctx), **train_options,
+            )
         try:
             report = run_sweep(plan, out, backend, results_dir=results, device=device,
                                quiet=quiet)

@@ -12,12 +12,15 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.options import config_options, option
 from domadapt.config import PRESETS, make_config
 
+from .options import config_options, option, usage_errors
+
 Out = Annotated[Path, option("--out", help="run directory (re-run: resume; finished: no retraining)")]
-Preset = Annotated[str | None, option("--preset", help=" | ".join(PRESETS), default="none")]
-Device = Annotated[str, option("--device", help="auto | cpu | cuda", default="auto")]
+Preset = Annotated[str | None, option("--preset", help=" | ".join(PRESETS), default="none",
+                                     registry="preset")]
+Device = Annotated[str, option("--device", default="auto", help=(
+    "auto (CUDA if available, else CPU) | cpu | cuda | cuda:N | mps (Apple GPU, float32)"))]
 Quiet = Annotated[bool, option("--quiet", "-q", help="no progress bar")]
 
 
@@ -48,7 +51,8 @@ def _run(options: dict[str, Any], out: Path, preset: str | None, device: str, qu
          **fixed: Any) -> dict[str, Any]:
     from domadapt.train import run
 
-    cfg = make_config(preset, **options, **fixed)
+    with usage_errors():
+        cfg = make_config(preset, **options, **fixed)
     try:
         return run(cfg, out, device=device, quiet=quiet)
     except KeyboardInterrupt:

@@ -62,21 +62,30 @@ class DistContext:
         return t
 
 
+DEVICES = "auto | cpu | cuda | mps"
+
+
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; "cuda" under torchrun -> cuda:LOCAL_RANK."""
+    """"auto" -> CUDA when available, else CPU (never MPS: asked for by name, as it is not
+    tested yet); "cuda" under torchrun -> cuda:LOCAL_RANK; "mps" -> the Apple GPU. A device
+    that is not there is a UserError (one line)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device!r}: not a device; use auto, cpu or cuda") from None
+        raise UserError(f"--device {device!r}: not a device; use {DEVICES}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {device}: CUDA is not available on this machine")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():  # Apple GPU (Metal Performance Shaders)
+            raise UserError(f"--device {device}: no Apple GPU (MPS) on this machine; use "
+                            f"--device cpu")
     elif dev.type != "cpu":
-        raise UserError(f"--device {device!r}: use auto, cpu or cuda")
+        raise UserError(f"--device {device!r}: use {DEVICES}")
     return dev
 
 
@@ -90,6 +99,8 @@ def distributed_context(device: str = "auto") -> Iterator[DistContext]:
     if world_size <= 1:
         yield DistContext(device=dev)
         return
+    if dev.type == "mps":
+        raise UserError("--device mps: one process only (torchrun/DDP needs cpu or cuda)")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owner = not dist.is_initialized()

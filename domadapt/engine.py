@@ -117,7 +117,8 @@ class TrainState:
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """Mixed precision on CUDA: bfloat16 where supported (no loss scaling needed), else
-    float16 (with a GradScaler); None (float32) on CPU."""
+    float16 (with a GradScaler); None (float32) on CPU and on MPS (Apple GPUs: float32, no
+    autocast and no GradScaler until mixed precision has been tested there)."""
     if device.type != "cuda":
         return None
     native_bf16 = torch.cuda.get_device_capability(device)[0] >= 8  # Ampere+; no emulation

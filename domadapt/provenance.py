@@ -99,6 +99,8 @@ def hardware(device: torch.device) -> dict[str, Any]:
                             "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    elif device.type == "mps":
+        info["gpu"] = "Apple GPU (MPS)"
     return info
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from filelock import FileLock, Timeout
+from filelock import FileLock, SoftFileLock, Timeout
 
 from domadapt.config import RunConfig
 from domadapt.errors import UserError
@@ -204,10 +204,12 @@ def run_lock(run_dir: str | Path, *, wait: bool = False) -> Iterator[bool]:
     """Hold an exclusive lock on `run_dir/.lock` (created with its folder). Yields False,
     holding nothing, when another process holds it and not `wait`. The operating system
     releases it when its holder dies (flock on POSIX, a locked handle on Windows, both through
-    `filelock`), so a killed sweep or run never leaves a stale lock."""
+    `filelock`), so a killed sweep or run never leaves a stale lock. (Only where neither
+    exists, filelock falls back to a marker file, which releases by deletion and which a
+    killed holder leaves behind.)"""
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path / LOCK, preserve_lock_file=True)
+    lock = FileLock(path / LOCK, preserve_lock_file=FileLock is not SoftFileLock)
     try:
         lock.acquire(timeout=-1 if wait else 0)
     except Timeout:

@@ -40,6 +40,7 @@ from domadapt.errors import UserError
 from domadapt.io import atomic_write_json, atomic_write_text
 from domadapt.progress import progress
 from domadapt.rundir import ERROR, METRICS, RECORD, RUNS_DIR, RunDir, cell_dir, run_lock
+from domadapt.system import usable_cores
 from domadapt.tables import Layout, dataset_layout, write_tables
 
 LAUNCHERS = ("local", "submitit")
@@ -259,8 +260,7 @@ class ProcessLauncher:
             for slot in slots:
                 slot.process.join(max(0.0, deadline - time.monotonic()))
                 if slot.process.is_alive():
-                    with suppress(ProcessLookupError):  # the worker and its data loaders
-                        os.killpg(slot.process.pid, signal.SIGKILL)
+                    _kill_group(slot.process.pid)  # the worker and its data loaders
                     slot.process.kill()  # not yet its own group leader (setpgrp) if just spawned
                     slot.process.join()
                 slot.conn.close()
@@ -309,7 +309,7 @@ class _Slot:
         if not self.process.is_alive():
             return
         if self.cell is not None:
-            os.kill(self.process.pid, signal.SIGINT)
+            os.kill(self.process.pid, signal.SIGINT)  # Windows: terminates it (no checkpoint)
             return
         with suppress(OSError):
             self.conn.send(None)
@@ -320,8 +320,10 @@ def _worker_main(conn: Any, fn: CellFn, gpu: str | None, threads: int, parent_pi
     imports it lazily), then run the cells it is sent until None. Its own process group keeps
     a terminal's Ctrl-C to the parent, which forwards exactly one SIGINT (a second one would
     skip train.run's checkpoint); SIGINT is re-armed, as a sweep put in the background by a
-    script starts with it ignored."""
-    os.setpgrp()
+    script starts with it ignored. Windows has no process groups: there the worker stays in
+    the sweep's console group."""
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -341,9 +343,16 @@ def _exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
     worker's process group (itself and its data-loader processes)."""
     while os.getppid() == parent_pid:
         time.sleep(poll_seconds)
-    with suppress(OSError):
-        os.killpg(os.getpgrp(), signal.SIGKILL)  # this worker leads its group (setpgrp)
+    _kill_group(os.getpid())  # this worker leads its group (setpgrp)
     os._exit(1)
+
+
+def _kill_group(leader: int) -> None:
+    """SIGKILL the process group that `leader` leads (a worker and its data loaders), where
+    the OS has process groups; elsewhere (Windows) nothing: the caller ends the process."""
+    if hasattr(os, "killpg"):
+        with suppress(OSError):
+            os.killpg(leader, signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -381,7 +390,8 @@ def make_launcher(name: str, *, workers: int | None, device: str, sweep_dir: Pat
                   slurm: dict[str, Any] | None = None) -> Launcher:
     """The launcher called `name`; `local` with more than one worker runs processes.
 
-    `workers=None` means one per visible GPU, else one per CPU core (each on one thread).
+    `workers=None` means one per visible GPU (one for `mps`: a Mac has one), else one per
+    CPU core (each on one thread).
     """
     check_choice("launcher", name, LAUNCHERS)
     if name == "submitit":
@@ -394,9 +404,9 @@ def make_launcher(name: str, *, workers: int | None, device: str, sweep_dir: Pat
     if slurm:
         raise UserError("--slurm needs --launcher submitit")
     gpus = visible_gpus(device)
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     if workers is None:
-        workers = len(gpus) or cores
+        workers = 1 if device.startswith("mps") else len(gpus) or cores
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
     if workers == 1:

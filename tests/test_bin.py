@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import platform
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,6 +185,130 @@ def test_c_kernels_build_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert built.name.startswith("bin_kernels_") and built.suffix == ".so"
     monkeypatch.setattr(bin_module, "_c_tried", False)
     assert bin_module._c_library() is not None and list(tmp_path.iterdir()) == [built]
+
+
+# sha256 of the kernel source: the bytes of the `_C_SOURCE` string it was moved out of (commit
+# a1fa1e8), so the cache key and the library built from it are unchanged. Change it only with
+# the kernel, on purpose: a new source changes every BIN run's numerics.
+KERNEL_SOURCE_SHA256 = "060fac8586ff4e0dc06aeb5e36dd33ce9c86a30e454966fa6daabc4560e28dc3"
+
+
+def test_kernel_source_is_package_data_with_pinned_bytes() -> None:
+    source = bin_module.kernel_source()
+    assert hashlib.sha256(source.encode()).hexdigest() == KERNEL_SOURCE_SHA256
+    assert (Path(bin_module.__file__).parent / "bin_kernels.c").read_bytes() == source.encode()
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A C-kernel state of its own for one test (restored afterwards); returns its cache dir."""
+    monkeypatch.setattr(bin_module, "_c_lib", None)
+    monkeypatch.setattr(bin_module, "_c_tried", False)
+    monkeypatch.setattr(bin_module, "_c_fns", dict(bin_module._c_fns))
+    monkeypatch.setattr(bin_module, "_kernel", {})
+    monkeypatch.delenv("DOMADAPT_BIN_KERNEL", raising=False)
+    cache = tmp_path / "home" / "cache"
+    monkeypatch.setenv("DOMADAPT_CACHE", str(cache))
+    return cache
+
+
+def fake_compiler(path: Path, body: str) -> Path:
+    """An executable `cc` stand-in: prints a version for --version, else runs `body`."""
+    path.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "fakecc 1.0"; exit 0; fi\n'
+                    f"{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="the C kernels build on POSIX only")
+
+
+@posix_only
+@pytest.mark.parametrize("threat", ["group-writable", "other-writable", "foreign-owned"])
+def test_untrusted_cached_library_is_refused(threat: str, fresh_kernel: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch, capfd) -> None:
+    """A cached library that another user owns or may write is never loaded: the torch path,
+    one line on stderr that says why; the cache directory is created private (0700)."""
+    # a "compiler" that writes a library file without code: the first use fails to load it
+    cc = fake_compiler(tmp_path / "cc", 'while [ $# -gt 0 ]; do [ "$1" = -o ] && : > "$2"; '
+                                        "shift; done")
+    monkeypatch.setenv("CC", str(cc))
+    assert bin_module._c_library() is None
+    assert fresh_kernel.stat().st_mode & 0o777 == 0o700
+    (lib,) = fresh_kernel.glob("bin_kernels_*.so")
+    assert lib.stat().st_mode & 0o777 == 0o700
+    capfd.readouterr()
+    if threat == "foreign-owned":
+        uid = os.getuid()
+        monkeypatch.setattr(os, "getuid", lambda: uid + 1)
+    else:
+        lib.chmod(0o720 if threat == "group-writable" else 0o702)
+    monkeypatch.setattr(bin_module, "_c_tried", False)
+    assert bin_module._c_library() is None
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "torch path" in err[0] and "not owned by this user" in err[0]
+    assert "set DOMADAPT_CACHE" in err[0]
+    assert bin_module.kernel_info()["kernel"] == "torch"
+
+
+def test_openmp_flags_by_platform(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Linux: -fopenmp. macOS: Homebrew's libomp where installed, else no threads (one flag
+    set to try); the rest of the flags are the same everywhere."""
+    common = ["-O3", *bin_module._isa_flags(), "-ffp-contract=off", "-fno-math-errno"]
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    assert bin_module.kernel_flags() == [*common, "-fopenmp", "-fPIC", "-shared"]
+    assert bin_module._flag_sets()[1] == [*common, "-fopenmp-simd", "-fPIC", "-shared"]
+
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(bin_module, "HOMEBREW_PREFIXES", ())
+    monkeypatch.setenv("HOMEBREW_PREFIX", str(tmp_path))
+    assert bin_module._flag_sets() == [[*common, "-fopenmp-simd", "-fPIC", "-shared"]]
+    omp = tmp_path / "opt" / "libomp"
+    (omp / "include").mkdir(parents=True)
+    (omp / "include" / "omp.h").touch()
+    assert bin_module.kernel_flags() == [
+        *common, "-Xpreprocessor", "-fopenmp", f"-I{omp / 'include'}", f"-L{omp / 'lib'}",
+        "-lomp", "-fPIC", "-shared"]
+    assert len(bin_module._flag_sets()) == 2
+
+
+@posix_only
+def test_build_without_openmp_gives_the_same_results(fresh_kernel: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that rejects -fopenmp (Apple's clang) gets the kernels without threads
+    (-fopenmp-simd), whose results on one thread equal the OpenMP build's bit for bit."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or "-fopenmp" not in bin_module._flag_sets()[0]:
+        pytest.skip("needs a C compiler with -fopenmp")
+
+    def outputs() -> list[Tensor]:
+        out = []
+        torch.manual_seed(0)
+        for channels_last in (False, True):
+            layer = random_bin(torch.float32)
+            x = batch(0, torch.float32, channels_last).requires_grad_()
+            assert bin_module._c_library_for(x, layer.rho, layer.weight, layer.bias) is not None
+            y = layer(x)
+            out += [y, *torch.autograd.grad(y, [x, layer.rho, layer.weight], torch.ones_like(y))]
+        return out
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setenv("CC", cc)
+        with_openmp = outputs()
+        assert "-fopenmp" in bin_module.kernel_info()["flags"]
+        monkeypatch.setattr(bin_module, "_c_tried", False)
+        no_openmp = fake_compiler(tmp_path / "cc", f'for a in "$@"; do [ "$a" = -fopenmp ] && '
+                                                   f'exit 1; done; exec {cc} "$@"')
+        monkeypatch.setenv("CC", str(no_openmp))
+        without = outputs()
+        assert "-fopenmp-simd" in bin_module.kernel_info()["flags"]
+        assert "-fopenmp" not in bin_module.kernel_info()["flags"]
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(with_openmp, without):
+        assert torch.equal(a, b)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -38,6 +38,7 @@ from domadapt.sweep import (
     run_sweep,
     split_list,
 )
+from domadapt.system import usable_cores
 from domadapt.tables import Layout
 
 TESTS = Path(__file__).resolve().parent
@@ -328,7 +329,7 @@ def test_make_launcher(tmp_path: Path) -> None:
     one = make_launcher("local", workers=1, device="cpu", sweep_dir=tmp_path)
     assert isinstance(one, LocalLauncher)
     many = make_launcher("local", workers=2, device="cpu", sweep_dir=tmp_path)
-    assert many == ProcessLauncher(2, threads=max(1, len(os.sched_getaffinity(0)) // 2))
+    assert many == ProcessLauncher(2, threads=max(1, usable_cores() // 2))
     slurm = make_launcher("submitit", workers=None, device="auto", sweep_dir=tmp_path,
                           slurm={"slurm_partition": "gpu", "timeout_min": 60})
     assert isinstance(slurm, SubmititLauncher) and slurm.folder == tmp_path / "submitit"

@@ -39,10 +39,10 @@ def register_backbone(name: str, builder: Builder, *, cpu_channels_last: bool = 
 
 def use_channels_last(backbone: str, device_type: str, requested: bool | None) -> bool:
     """The memory layout of a run: `requested` if given, else channels_last on CUDA and, on
-    CPU, for the backbones registered as faster in it."""
+    CPU, for the backbones registered as faster in it; NCHW elsewhere (MPS: not measured)."""
     if requested is not None:
         return requested
-    return device_type == "cuda" or backbone in CPU_CHANNELS_LAST
+    return device_type == "cuda" or (device_type == "cpu" and backbone in CPU_CHANNELS_LAST)
 
 
 def register_family(prefix: str, builder: FamilyBuilder) -> FamilyBuilder:

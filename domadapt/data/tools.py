@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,13 +16,14 @@ from domadapt.data.registry import DatasetSpec
 from domadapt.errors import UserError
 from domadapt.io import atomic_directory, require_absent
 from domadapt.progress import progress
+from domadapt.system import usable_cores
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def default_workers() -> int:
-    return min(8, os.cpu_count() or 1)
+    return min(8, usable_cores())
 
 
 def _parallel_map(

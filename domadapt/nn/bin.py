@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -63,299 +64,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Two implementations of the same function. The torch one (`_forward_torch`,
 # `_backward_torch`) runs on any device, dtype and memory format. On CPU, for float32 and
 # float64 inputs that are NCHW- or channels_last-contiguous, a small C/OpenMP library
-# compiled once per machine does each direction in ONE call: two passes over memory (moments,
+# (`bin_kernels.c`, package data) compiled once per machine does each direction in ONE call: two passes over memory (moments,
 # affine map; gradient sums, dx) in the layout's own order, the [N, C] algebra inline. That
 # removes the ~25 small tensor ops per layer and direction that dominated the cost of small
 # layers. A CUDA kernel (e.g. Triton) would be a third pair, chosen in `_c_library_for`'s place.
 
-_C_SOURCE = r"""
-/* Fused BIN on CPU: one call per direction. Layout 0: NCHW, element (n, c, i) at
-   (n C + c) M + i; layout 1: channels_last, at (n M + i) C + c. Sums and the [N, C]
-   algebra in double; full-size passes vectorised along the layout's inner run. */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-
-#define BIN_ROWS 64 /* rows summed in the input precision before adding in double */
-
-/* Scratch memory, kept per calling thread and grown as needed: a fresh malloc of the
-   [N, C] work arrays per call costs page faults that rival a small layer's arithmetic. */
-static __thread void *bin_scratch_mem = 0;
-static __thread size_t bin_scratch_bytes = 0;
-static void *bin_scratch(size_t bytes) {
-    if (bytes > bin_scratch_bytes) {
-        free(bin_scratch_mem);
-        bin_scratch_mem = malloc(bytes);
-        bin_scratch_bytes = bin_scratch_mem ? bytes : 0;
-    }
-    return bin_scratch_mem;
-}
-
-/* v[k] /= d for k < n; a multiply when d is a power of two (1/d is then exact, so the
-   result is the same) -- divisions dominate the [N, C] algebra of small layers. */
-static void div_by(double *v, int64_t n, int64_t d) {
-    if ((d & (d - 1)) == 0) {
-        const double r = 1.0 / (double)d;
-        for (int64_t k = 0; k < n; ++k) v[k] *= r;
-    } else {
-        for (int64_t k = 0; k < n; ++k) v[k] /= (double)d;
-    }
-}
-
-#define BIN_KERNELS(T, SFX, SQRT)                                                                   \
-/* Per (n, c). mu (a per-channel shift K) given: s1 = sum_i u, s2 = sum_i u (v - K),       \
-   s3 = sum_i (v - K); mu NULL: s1 = mean of u, s2 = sum_i (u - s1)^2 (two-pass). */       \
-static void sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C,           \
-                      int64_t M, int layout, double *s1, double *s2, double *s3, T *tmp,    \
-                      int nt) {                                                             \
-    if (layout == 0) {                                                                      \
-        _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
-        for (int64_t nc = 0; nc < N * C; ++nc) {                                            \
-            const T *ur = u + nc * M, *vr = v + nc * M;                                     \
-            double a = 0.0, b = 0.0, e = 0.0, m = mu ? (double)mu[nc % C] : 0.0;            \
-            if (!mu) {                                                                      \
-                _Pragma("omp simd reduction(+:a)")                                          \
-                for (int64_t i = 0; i < M; ++i) a += (double)ur[i];                         \
-                m = a / (double)M;                                                          \
-                _Pragma("omp simd reduction(+:b)")                                          \
-                for (int64_t i = 0; i < M; ++i) { double d = (double)ur[i] - m; b += d * d; } \
-            } else {                                                                        \
-                _Pragma("omp simd reduction(+:a, b, e)")                                    \
-                for (int64_t i = 0; i < M; ++i) {                                           \
-                    double gi = (double)ur[i], d = (double)vr[i] - m;                       \
-                    a += gi; b += gi * d; e += d;                                           \
-                }                                                                           \
-                s3[nc] = e;                                                                 \
-            }                                                                               \
-            s1[nc] = mu ? a : m; s2[nc] = b;                                                         \
-        }                                                                                   \
-    } else {                                                                                \
-        /* Channels inner: per sample, accumulators in T for the whole channel row (one     \
-           vector loop over C per spatial row) over BIN_ROWS rows at a time, then           \
-           added in double into s1, s2, s3. tmp: 4 N C values of T. */               \
-        _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
-        for (int64_t n = 0; n < N; ++n) {                                                   \
-            const T *un = u + n * M * C, *vn = v + n * M * C;                               \
-            double *a = s1 + n * C, *b = s2 + n * C, *e = mu ? s3 + n * C : 0;              \
-            T *fa = tmp + 4 * n * C, *fb = fa + C, *fe = fb + C, *m = fe + C;               \
-            if (mu) for (int64_t c = 0; c < C; ++c) m[c] = mu[c];                           \
-            for (int pass = mu ? 1 : 0; pass < 2; ++pass) {                                 \
-                for (int64_t i0 = 0; i0 < M; i0 += BIN_ROWS) {                              \
-                    const int64_t i1 = i0 + BIN_ROWS < M ? i0 + BIN_ROWS : M;               \
-                    /* first row initialises the accumulators (x, not 0 + x: same value) */ \
-                    for (int64_t i = i0; i < i1; ++i) {                                     \
-                        const T *ur = un + i * C, *vr = vn + i * C;                         \
-                        if (pass == 0 && i == i0) {                                         \
-                            _Pragma("omp simd")                                             \
-                            for (int64_t c = 0; c < C; ++c) fa[c] = ur[c];                  \
-                        } else if (pass == 0) {                                             \
-                            _Pragma("omp simd")                                             \
-                            for (int64_t c = 0; c < C; ++c) fa[c] += ur[c];                 \
-                        } else if (!mu) {                                                   \
-                            const int first = i == i0;                                      \
-                            _Pragma("omp simd")                                             \
-                            for (int64_t c = 0; c < C; ++c) {                               \
-                                T d = ur[c] - m[c]; fb[c] = first ? d * d : fb[c] + d * d;  \
-                            }                                                               \
-                        } else if (i == i0) {                                               \
-                            _Pragma("omp simd")                                             \
-                            for (int64_t c = 0; c < C; ++c) {                               \
-                                T d = vr[c] - m[c]; fa[c] = ur[c]; fb[c] = ur[c] * d; fe[c] = d;\
-                            }                                                               \
-                        } else {                                                            \
-                            _Pragma("omp simd")                                             \
-                            for (int64_t c = 0; c < C; ++c) {                               \
-                                T d = vr[c] - m[c];                                         \
-                                fa[c] += ur[c]; fb[c] += ur[c] * d; fe[c] += d;             \
-                            }                                                               \
-                        }                                                                   \
-                    }                                                                       \
-                    /* into double: the first block starts the sums (0.0 + f, as if they    \
-                       had been zeroed), later blocks add to them */                        \
-                    const double z = 0.0; const int b0 = i0 == 0;                           \
-                    if (pass == 0) {                                                        \
-                        _Pragma("omp simd")                                                 \
-                        for (int64_t c = 0; c < C; ++c) a[c] = (b0 ? z : a[c]) + fa[c];     \
-                    } else if (!mu) {                                                       \
-                        _Pragma("omp simd")                                                 \
-                        for (int64_t c = 0; c < C; ++c) b[c] = (b0 ? z : b[c]) + fb[c];     \
-                    } else {                                                                \
-                        _Pragma("omp simd")                                                 \
-                        for (int64_t c = 0; c < C; ++c) {                                   \
-                            a[c] = (b0 ? z : a[c]) + fa[c]; b[c] = (b0 ? z : b[c]) + fb[c]; \
-                            e[c] = (b0 ? z : e[c]) + fe[c];                                 \
-                        }                                                                   \
-                    }                                                                       \
-                }                                                                           \
-                if (pass == 0) /* the mean, and its rounding to T for the second pass */    \
-                    { div_by(a, C, M); for (int64_t c = 0; c < C; ++c) m[c] = (T)a[c]; }    \
-            }                                                                               \
-            if (!mu) /* exact for the rounded mean: sum (u-m)^2 - M (mean-m)^2 */           \
-                for (int64_t c = 0; c < C; ++c) {                                           \
-                    double d = a[c] - (double)m[c], bc = b[c] - (double)M * d * d;          \
-                    b[c] = bc < 0.0 ? 0.0 : bc;                                             \
-                }                                                                           \
-        }                                                                                   \
-    }                                                                                       \
-}                                                                                           \
-/* y = a u + b, or a u + p v + b when p is given (a, p, b per (n, c)) */                    \
-static void affine_##SFX(const T *u, const T *v, T *y, int64_t N, int64_t C, int64_t M,     \
-                         int layout, const T *a, const T *p, const T *b, int nt) {          \
-    if (layout == 0) {                                                                      \
-        _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
-        for (int64_t nc = 0; nc < N * C; ++nc) {                                            \
-            const T *ur = u + nc * M, *vr = v + nc * M; T *yr = y + nc * M;                 \
-            const T an = a[nc], bn = b[nc];                                                 \
-            if (p) {                                                                        \
-                const T pn = p[nc];                                                         \
-                _Pragma("omp simd")                                                         \
-                for (int64_t i = 0; i < M; ++i) yr[i] = an * ur[i] + pn * vr[i] + bn;       \
-            } else {                                                                        \
-                _Pragma("omp simd")                                                         \
-                for (int64_t i = 0; i < M; ++i) yr[i] = an * ur[i] + bn;                    \
-            }                                                                               \
-        }                                                                                   \
-    } else {                                                                                \
-        _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
-        for (int64_t n = 0; n < N; ++n) {                                                   \
-            const T *an = a + n * C, *bn = b + n * C, *pn = p ? p + n * C : 0;              \
-            for (int64_t i = 0; i < M; ++i) {                                               \
-                const int64_t o = (n * M + i) * C;                                          \
-                const T *ur = u + o, *vr = v + o; T *yr = y + o;                            \
-                if (p) {                                                                    \
-                    _Pragma("omp simd")                                                     \
-                    for (int64_t c = 0; c < C; ++c) yr[c] = an[c] * ur[c] + pn[c] * vr[c] + bn[c]; \
-                } else {                                                                    \
-                    _Pragma("omp simd")                                                     \
-                    for (int64_t c = 0; c < C; ++c) yr[c] = an[c] * ur[c] + bn[c];          \
-                }                                                                           \
-            }                                                                               \
-        }                                                                                   \
-    }                                                                                       \
-}                                                                                           \
-/* Forward. running_*: may be NULL when use_batch and not update. save [N C + 3 C]: rstd_i, \
-   mean_b, rstd_b, and K = mean_n mu_i (the backward's shift). Returns 0, or -1 when out   \
-   of memory (nothing written). */                                                         \
-int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int layout,        \
-                      const T *rho, const T *gamma, const T *beta, T *running_mean,          \
-                      T *running_var, int use_batch, int update, double momentum,           \
-                      double eps, T *save, int nt) {                                        \
-    const int64_t NC = N * C;                                                               \
-    double *mi = (double *)bin_scratch(sizeof(double) * (2 * NC + 3 * C)                    \
-                                       + sizeof(T) * (6 * NC + 3 * C));                     \
-    if (!mi) return -1;                                                                     \
-    T *ab = (T *)(mi + 2 * NC + 3 * C), *tmp = ab + 2 * NC + 3 * C;                         \
-    double *vi = mi + NC, *mb = vi + NC, *vb = mb + C, *kb = vb + C;                        \
-    sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, 0, tmp, nt);                               \
-    for (int64_t c = 0; c < C; ++c) { mb[c] = 0.0; vb[c] = 0.0; kb[c] = 0.0; }              \
-    for (int64_t n = 0; n < N; ++n) { /* loops over c: independent per c, vectorised */     \
-        _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) kb[c] += mi[n * C + c];         \
-        div_by(vi + n * C, C, M);                                                           \
-    }                                                                                       \
-    for (int64_t c = 0; c < C; ++c) kb[c] /= (double)N;                                     \
-    if (use_batch) { /* law of total variance: var_b = mean_n var_i + mean_n (mu_i - mu_b)^2 */ \
-        for (int64_t c = 0; c < C; ++c) mb[c] = kb[c];                                      \
-        for (int64_t n = 0; n < N; ++n)                                                     \
-            _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) {                           \
-                double d = mi[n * C + c] - mb[c]; vb[c] += vi[n * C + c] + d * d;           \
-            }                                                                               \
-        for (int64_t c = 0; c < C; ++c) vb[c] /= (double)N;                                 \
-        if (update) {                                                                       \
-            const double cnt = (double)(N * M);                                             \
-            for (int64_t c = 0; c < C; ++c) {                                               \
-                double rm = (double)running_mean[c], rv = (double)running_var[c];           \
-                running_mean[c] = (T)(rm + momentum * (mb[c] - rm));                        \
-                running_var[c] = (T)(rv + momentum * (vb[c] * cnt / (cnt - 1.0) - rv));     \
-            }                                                                               \
-        }                                                                                   \
-    } else {                                                                                \
-        for (int64_t c = 0; c < C; ++c) {                                                   \
-            mb[c] = (double)running_mean[c]; vb[c] = (double)running_var[c];                \
-        }                                                                                   \
-    }                                                                                       \
-    /* y = A x + B, A = a0_c + a1_c ri, B = b0_c - a1_c ri mi (per-(n, c) part in T) */    \
-    T *a0 = ab + 2 * NC, *a1 = a0 + C, *b0 = a1 + C;                                       \
-    for (int64_t c = 0; c < C; ++c) {                                                       \
-        const double rb = 1.0 / sqrt(vb[c] + eps), g = (double)gamma[c], r = (double)rho[c]; \
-        save[NC + c] = (T)mb[c]; save[NC + C + c] = (T)rb; save[NC + 2 * C + c] = (T)kb[c]; \
-        a1[c] = (T)(g * (1.0 - r)); b0[c] = (T)((double)beta[c] - g * r * rb * mb[c]);      \
-        a0[c] = (T)(g * r * rb);                                                            \
-    }                                                                                       \
-    for (int64_t n = 0; n < N; ++n) {                                                       \
-        T *sr = save + n * C, *an = ab + n * C, *bn = ab + NC + n * C;                      \
-        const double *mn = mi + n * C, *vn = vi + n * C;                                    \
-        _Pragma("omp simd")                                                                 \
-        for (int64_t c = 0; c < C; ++c) {                                                   \
-            const T m = (T)mn[c], ri = (T)1 / SQRT((T)(vn[c] + eps)), ai = a1[c] * ri;   \
-            sr[c] = ri; an[c] = a0[c] + ai; bn[c] = b0[c] - ai * m;                         \
-        }                                                                                   \
-    }                                                                                       \
-    affine_##SFX(x, x, y, N, C, M, layout, ab, 0, ab + NC, nt);                             \
-    return 0;                                                                               \
-}                                                                                           \
-/* Backward (formulas in _BatchInstanceNormFn). dx, grad_*: NULL when not wanted.           \
-   Returns 0, or -1 when out of memory (nothing written). */                                \
-int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int64_t M,     \
-                       int layout, const T *rho, const T *gamma, const T *save,             \
-                       int use_batch, T *grad_rho, T *grad_w, T *grad_b, int nt) {          \
-    const int64_t NC = N * C;                                                               \
-    double *mi = (double *)bin_scratch(sizeof(double) * (4 * NC + 3 * C)                    \
-                                       + sizeof(T) * (7 * NC + 4 * C));                     \
-    if (!mi) return -1;                                                                     \
-    T *coef = (T *)(mi + 4 * NC + 3 * C), *tmp = coef + 3 * NC + 4 * C;                     \
-    double *sg = mi + NC, *sc = sg + NC, *se = sc + NC, *tg = se + NC, *tb = tg + C, *ti = tb + C; \
-    const T *ri = save, *mb = save + NC, *rb = mb + C, *kb = rb + C;                        \
-    /* one pass: S_g, sum g (x - K), sum (x - K); then mu_i = K + sum (x - K) / M and       \
-       S_c = sum g (x - K) - (mu_i - K) S_g, all in double (K is near every mu_i) */        \
-    sums_##SFX(g, x, kb, N, C, M, layout, sg, sc, se, tmp, nt);                             \
-    for (int64_t c = 0; c < C; ++c) { tg[c] = 0.0; tb[c] = 0.0; ti[c] = 0.0; }              \
-    for (int64_t n = 0; n < N; ++n) { /* loops over c: independent per c, vectorised */     \
-        div_by(se + n * C, C, M);                                                           \
-        _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) { /* and sum_n S_g, d_B, d_I */ \
-            const int64_t k = n * C + c;                                                    \
-            const double e = se[k]; /* divided by M above */                                \
-            mi[k] = (double)kb[c] + e; sc[k] -= e * sg[k];                                  \
-            tg[c] += sg[k]; ti[c] += (double)ri[k] * sc[k];                                 \
-            tb[c] += (double)rb[c] * (sc[k] + (mi[k] - (double)mb[c]) * sg[k]);             \
-        }                                                                                   \
-    }                                                                                       \
-    for (int64_t c = 0; c < C; ++c) {                                                       \
-        const double r = (double)rho[c], gm = (double)gamma[c];                             \
-        if (grad_rho) grad_rho[c] = (T)(gm * (tb[c] - ti[c]));                              \
-        if (grad_w) grad_w[c] = (T)(r * tb[c] + (1.0 - r) * ti[c]);                         \
-        if (grad_b) grad_b[c] = (T)tg[c];                                                   \
-        /* from here: tb = P_B, ti = Q_B */                                                 \
-        const double cb = use_batch ? gm * r * (double)rb[c] / (double)(N * M) : 0.0;       \
-        const double pb = -cb * (double)rb[c] * tb[c];                                      \
-        tb[c] = pb; ti[c] = -cb * tg[c] - pb * (double)mb[c];                               \
-    }                                                                                       \
-    if (dx) { /* A = a0_c + a1_c ri, P = -a1_c ri^3 S_c / M + P_B, Q = -a1_c ri S_g / M - P_I mi + Q_B */ \
-        T *a0 = coef + 3 * NC, *a1 = a0 + C, *pb = a1 + C, *qb = pb + C;                    \
-        for (int64_t c = 0; c < C; ++c) {                                                   \
-            const double r = (double)rho[c], gm = (double)gamma[c];                         \
-            a0[c] = (T)(gm * r * (double)rb[c]); a1[c] = (T)(gm * (1.0 - r));               \
-            pb[c] = (T)tb[c]; qb[c] = (T)ti[c];                                             \
-        }                                                                                   \
-        const T inv_m = (T)(1.0 / (double)M);                                               \
-        for (int64_t n = 0; n < N; ++n) {                                                   \
-            const T *rn = ri + n * C; const double *mn = mi + n * C;                        \
-            const double *sgn = sg + n * C, *scn = sc + n * C;                              \
-            T *an = coef + n * C, *pn = coef + NC + n * C, *qn = coef + 2 * NC + n * C;     \
-            _Pragma("omp simd")                                                             \
-            for (int64_t c = 0; c < C; ++c) {                                               \
-                const T r = rn[c], ci = a1[c] * r * inv_m, pi = -ci * r * r * (T)scn[c];    \
-                an[c] = a0[c] + a1[c] * r; pn[c] = pi + pb[c];                              \
-                qn[c] = qb[c] - ci * (T)sgn[c] - pi * (T)mn[c];                             \
-            }                                                                               \
-        }                                                                                   \
-    }                                                                                       \
-    if (dx) affine_##SFX(g, x, dx, N, C, M, layout, coef, coef + NC, coef + 2 * NC, nt);    \
-    return 0;                                                                               \
-}
-
-BIN_KERNELS(float, f32, sqrtf)
-BIN_KERNELS(double, f64, sqrt)
-"""
 _C_TYPES = {torch.float32: "f32", torch.float64: "f64"}
 _c_lib: ctypes.CDLL | None = None
 _c_tried = False
@@ -380,11 +93,44 @@ def _isa_flags() -> list[str]:
     return ["-march=x86-64"]
 
 
-def kernel_flags() -> list[str]:
+HOMEBREW_PREFIXES = ("/opt/homebrew", "/usr/local")  # Apple silicon, Intel Macs
+
+
+def _openmp_flags() -> list[str] | None:
+    """How the compiler gets OpenMP: -fopenmp (gcc, LLVM clang); on macOS, where Apple's clang
+    rejects -fopenmp, through Homebrew's libomp (`brew install libomp`) when it is installed;
+    None when it is not (the kernels are then built without threads: one per call)."""
+    if platform.system() != "Darwin":
+        return ["-fopenmp"]
+    for prefix in filter(None, (os.environ.get("HOMEBREW_PREFIX"), *HOMEBREW_PREFIXES)):
+        omp = Path(prefix) / "opt" / "libomp"
+        if (omp / "include" / "omp.h").is_file():
+            return ["-Xpreprocessor", "-fopenmp", f"-I{omp / 'include'}", f"-L{omp / 'lib'}",
+                    "-lomp"]
+    return None
+
+
+def kernel_flags(threads: bool = True) -> list[str]:
     """Compiler flags of the C kernels. -ffp-contract=off: no fused multiply-add contraction,
-    which is what made builds for different CPUs round differently (~5e-7)."""
-    return ["-O3", *_isa_flags(), "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC",
+    which is what made builds for different CPUs round differently (~5e-7). Without OpenMP
+    threads (`threads=False`, or none on this platform): -fopenmp-simd, which keeps the
+    vectorised reductions of the `omp simd` pragmas, so the results equal the OpenMP build's
+    on one thread bit for bit (without it they differ by rounding)."""
+    omp = (_openmp_flags() if threads else None) or ["-fopenmp-simd"]
+    return ["-O3", *_isa_flags(), "-ffp-contract=off", "-fno-math-errno", *omp, "-fPIC",
             "-shared"]
+
+
+def _flag_sets() -> list[list[str]]:
+    """The flag sets to try, best first: with OpenMP threads where available, then without."""
+    sets = [kernel_flags(), kernel_flags(threads=False)]
+    return sets[:1] if sets[0] == sets[1] else sets
+
+
+def kernel_source() -> str:
+    """The C source of the kernels, shipped as package data (`bin_kernels.c` beside this
+    module); its text is part of the cache key."""
+    return resources.files(__package__).joinpath("bin_kernels.c").read_bytes().decode()
 
 
 def _compiler_version(cc: str) -> str:
@@ -393,6 +139,10 @@ def _compiler_version(cc: str) -> str:
         return out.stdout.splitlines()[0].strip() if out.stdout else cc
     except (OSError, subprocess.SubprocessError, IndexError):
         return cc
+
+
+class _Untrusted(OSError):
+    """A cached library that this process must not load."""
 
 
 def _trusted(path: Path) -> bool:
@@ -405,17 +155,18 @@ def _trusted(path: Path) -> bool:
 def _build_library(cc: str, flags: list[str], cache: Path) -> Path:
     """The library for (source, compiler, flags) in `cache`, built there if absent."""
     version = _compiler_version(cc)
-    key = hashlib.sha256("\0".join([_C_SOURCE, cc, version, *flags]).encode()).hexdigest()[:16]
+    source = kernel_source()
+    key = hashlib.sha256("\0".join([source, cc, version, *flags]).encode()).hexdigest()[:16]
     lib = cache / f"bin_kernels_{key}.so"
     cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     if lib.exists():
         if not _trusted(lib):
-            raise OSError(f"{lib} is not owned by this user or is writable by others; "
-                          f"not loaded")
+            raise _Untrusted(f"{lib} is not owned by this user or is writable by others; "
+                             f"not loaded")
         return lib
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, so = Path(tmp) / "bin_kernels.c", Path(tmp) / "bin_kernels.so"
-        src.write_text(_C_SOURCE)
+        src.write_bytes(source.encode())
         subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], check=True,
                        capture_output=True, timeout=120)
         os.chmod(so, 0o700)
@@ -429,8 +180,10 @@ def _c_library() -> ctypes.CDLL | None:
     Cache: `domadapt.io.cache_dir()` (created private, 0700); the file name hashes the
     source, the compiler and its version, and the flags (`kernel_flags()`: an explicit ISA
     level, no FMA contraction, so CPUs of one level get identical results). A cached file is
-    loaded only if this user owns it and nobody else may write it. DOMADAPT_BIN_KERNEL=torch
-    disables it. Any failure (no compiler, read-only cache, another OS) leaves the torch path;
+    loaded only if this user owns it and nobody else may write it. When the compiler cannot
+    build with OpenMP threads, the kernels are built without them (same results on one
+    thread). DOMADAPT_BIN_KERNEL=torch disables them. Any other failure (no compiler, an
+    untrusted cached file, Windows) leaves the torch path with one line on stderr;
     `kernel_info()` says which ran and why.
     """
     global _c_lib, _c_tried
@@ -442,25 +195,40 @@ def _c_library() -> ctypes.CDLL | None:
         _kernel.update(kernel="torch", reason="DOMADAPT_BIN_KERNEL=torch")
         return None
     if os.name != "posix":
-        _kernel.update(kernel="torch", reason=f"no C kernel build on {platform.system()}")
-        return None
+        return _fall_back(f"no C kernel build on {platform.system()}",
+                          "run under WSL or Linux for the C kernels")
     try:
         cc = shutil.which(os.environ.get("CC", "cc"))
         if cc is None:
             raise OSError("no C compiler (set CC or install gcc/clang)")
-        flags = kernel_flags()
-        lib = _build_library(cc, flags, cache_dir())
+        *better, last = _flag_sets()
+        for flags in better:  # with OpenMP threads; a compile error falls through to `last`
+            with contextlib.suppress(subprocess.CalledProcessError):
+                lib = _build_library(cc, flags, cache_dir())
+                break
+        else:
+            flags = last
+            lib = _build_library(cc, flags, cache_dir())
         _c_lib = _bind(ctypes.CDLL(str(lib)))
         _kernel.update(kernel="c", compiler=_compiler_version(cc), flags=flags)
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
         why = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if isinstance(
             e, subprocess.CalledProcessError) and e.stderr else [str(e)]
-        _kernel.update(kernel="torch", reason=(why or ["build failed"])[0])
-        print(f"domadapt: BIN runs on the slower torch path ({_kernel['reason']}); for the "
-              f"fast C kernels install a C compiler with OpenMP (gcc, or clang with libomp)",
-              file=sys.stderr)
-        _c_lib = None
+        return _fall_back((why or ["build failed"])[0], (
+            "delete that file, or set DOMADAPT_CACHE to a folder of your own"
+            if isinstance(e, _Untrusted) else
+            "install a working C compiler (gcc or clang; Xcode's command line tools on macOS)"))
     return _c_lib
+
+
+def _fall_back(reason: str, hint: str) -> None:
+    """Record the torch path as the kernel in use and say so in one line on stderr."""
+    global _c_lib
+    _c_lib = None
+    _kernel.clear()
+    _kernel.update(kernel="torch", reason=reason)
+    print(f"domadapt: BIN runs on the slower torch path ({reason}); for the fast C kernels "
+          f"{hint}", file=sys.stderr)
 
 
 def kernel_info() -> dict[str, Any]:
