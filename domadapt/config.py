@@ -23,7 +23,14 @@ from domadapt.errors import UserError
 from domadapt.methods import METHODS, get_method
 from domadapt.norms import NORMS, get_norm
 from domadapt.provenance import file_sha256
-from domadapt.registry import HparamSpec, hparam_specs, hparams_dict, make_hparams, merged_specs
+from domadapt.registry import (
+    HparamSpec,
+    check_finite,
+    hparam_specs,
+    hparams_dict,
+    make_hparams,
+    merged_specs,
+)
 from domadapt.schedules import SCHEDULE_FORMS, check_schedule_options
 
 SETTINGS = ("transfer", "multidomain")
@@ -106,6 +113,9 @@ class RunConfig:
         check_choice("method", self.method, METHODS.names())
         check_choice("norm", self.norm, NORMS.names())
         check_backbone(self.backbone)
+        for f in core_fields():
+            if isinstance(getattr(self, f.name), float):
+                check_finite(f"--{f.name.replace('_', '-')}", getattr(self, f.name))
         for name in ("iters", "batch_size", "image_size", "resize_size", "eval_every",
                      "checkpoint_every", "bottleneck_dim"):
             if getattr(self, name) <= 0:
