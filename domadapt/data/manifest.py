@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from domadapt.data.registry import (
+    IMAGE_EXTENSIONS,
     MANIFEST_DIRNAME,
     DatasetSpec,
     class_folders,
@@ -38,7 +39,6 @@ from domadapt.data.registry import (
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_text
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 Items = list[tuple[Path, int]]
 Split = Literal["train", "test"]
 
