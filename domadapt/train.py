@@ -26,6 +26,7 @@ import torch
 import torchvision
 
 from domadapt.config import RunConfig
+from domadapt.data.registry import check_outside_root
 from domadapt.distributed import DistContext, distributed_context
 from domadapt.engine import NonFiniteLoss, Trainer
 from domadapt.errors import UserError
@@ -59,6 +60,7 @@ def run(cfg: RunConfig, run_dir: Path, *, device: str = "auto",
     rd = RunDir(run_dir)
     with distributed_context(device) as ctx, _isolated_rng(ctx.device):
         cfg = _agree(ctx, lambda: resolve_config(cfg))  # rank 0 generates styledigits if needed
+        check_outside_root(rd.path, str(cfg.root))
         finished = _agree(ctx, lambda: _check_run_dir(cfg, rd))
         if finished is not None:
             return finished

@@ -137,6 +137,15 @@ def skipped_entries(spec: DatasetSpec, root: str | Path,
     return sorted(found)
 
 
+def check_outside_root(out: str | Path, root: str | Path, option: str = "--out") -> None:
+    """UserError when `out` lies in the dataset `root` (where it would be read as a domain or
+    a class and break the dataset), except in the root's own manifests/ folder."""
+    out_r, root_r = Path(out).expanduser().resolve(), Path(root).expanduser().resolve()
+    if out_r.is_relative_to(root_r) and not out_r.is_relative_to(root_r / MANIFEST_DIRNAME):
+        raise UserError(f"{option} {out} lies inside the dataset root {root}, where it would "
+                        f"be read as data; choose a folder outside it")
+
+
 def derive_short_names(names: list[str]) -> list[str]:
     """Shortest case-insensitively unique prefixes, first letter upper-cased (Art -> A)."""
     lowered = [n.lower() for n in names]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from domadapt.data.dataset import load_image
 from domadapt.data.manifest import Items, domain_items, relative, resolve_domains
-from domadapt.data.registry import DatasetSpec
+from domadapt.data.registry import DatasetSpec, check_outside_root
 from domadapt.errors import UserError
 from domadapt.io import atomic_directory, require_absent
 from domadapt.progress import progress
@@ -105,6 +105,7 @@ def build_resized_cache(
         raise UserError(f"--size must be positive, got {size}")
     out = Path(out).expanduser().absolute()
     require_absent(out)
+    check_outside_root(out, root)
     names = resolve_domains(spec, root, domains)
     listed: dict[str, Items] = {
         d: domain_items(spec, root, d, manifest_dir=manifest_dir) for d in names
