@@ -8,7 +8,7 @@ Run directory (written by `domadapt.train.run`)::
     checkpoint.prev.pt  the checkpoint before it, resumed from when checkpoint.pt is unreadable
                    (removed once metrics.json is written)
     metrics.json   written last, only when the run is complete: the done marker
-    .lock          locked (`run_lock`) by the process running the cell (sweeps)
+    .lock          locked (`run_lock`) by the process training the run, for its whole life
     error.txt      traceback of the cell's last failure (sweeps)
 
 Sweep directory::
@@ -202,12 +202,14 @@ class RunDir:
 @contextmanager
 def run_lock(run_dir: str | Path, *, wait: bool = False) -> Iterator[bool]:
     """Hold an exclusive lock on `run_dir/.lock` (created with its folder). Yields False,
-    holding nothing, when another process holds it and not `wait`. The operating system
-    releases it when its holder dies (flock on POSIX, a locked handle on Windows, both through
-    `filelock`), so a killed sweep or run never leaves a stale lock."""
+    holding nothing, when another process (or thread) holds it and not `wait`. Re-entrant in
+    the thread holding it: the outermost holder (a sweep's cell) owns it and `train.run` inside
+    nests without blocking. The operating system releases it when its holder dies (flock on
+    POSIX, a locked handle on Windows, both through `filelock`), so a killed sweep or run never
+    leaves a stale lock."""
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path / LOCK, preserve_lock_file=True)
+    lock = FileLock(path.resolve() / LOCK, preserve_lock_file=True, is_singleton=True)
     try:
         lock.acquire(timeout=-1 if wait else 0)
     except Timeout:

@@ -180,6 +180,8 @@ def split_items(items: Items, test_fraction: float = 0.2, seed: int = 0) -> tupl
     """
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"test fraction must lie in (0, 1), got {test_fraction}")
+    if seed < 0:
+        raise UserError(f"split seed must be >= 0, got {seed}")
     ordered = sorted(items, key=lambda item: item[0].as_posix())
     by_class: dict[int, list[int]] = {}
     for i, (_, label) in enumerate(ordered):
