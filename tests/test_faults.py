@@ -502,3 +502,145 @@ def test_a_root_unpacked_from_a_macos_archive_trains(tree, reference):
     assert (tree / "__MACOSX").is_dir() and (tree / "beta" / "two" / "._img1.png").is_file()
     assert reference["iters"] == ITERS
     assert sorted(reference["per_class_target_acc"]) == ["one", "three", "two"]
+
+
+# -- a hostile user (issue #28): each probe ends in one line, and nothing is written ------------
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes): what a refusal must leave as it was."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(code: int, err: str) -> bool:
+    return code != 0 and err.count("\n") == 1 and err.startswith("error: ")
+
+
+@pytest.fixture
+def small_tree(tmp_path) -> Path:
+    """A fresh 2-domain, 2-class tree this test may change."""
+    return write_image_tree(tmp_path / "data", ["alpha", "beta"], ["one", "two"], 3, size=16)
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_a_manifest_cannot_lead_outside_its_root(small_tree, tmp_path, run_cli, where):
+    """`data cache` with --out beside --root once overwrote the image `../victim/...` named
+    (its temporary folder lies beside --out)."""
+    victim = tmp_path / "victim" / "photo.png"
+    victim.parent.mkdir()
+    victim.write_bytes((small_tree / "alpha" / "one" / "img0.png").read_bytes())
+    before = victim.read_bytes()
+    assert run_cli("data", "manifest", "--dataset", "folder", "--root", small_tree)[0] == 0
+    line = "../victim/photo.png" if where == "relative" else str(victim)
+    with open(small_tree / "manifests" / "alpha.txt", "a") as f:
+        f.write(f"{line} 0\n")
+    root = ["--dataset", "folder", "--root", small_tree]
+    for args in (["data", "cache", *root, "--size", "8", "--out", tmp_path / "copy"],
+                 ["data", "check", *root],
+                 ["train", *root, "--source", "alpha", "--target", "beta", "--backbone",
+                  "digitnet", "--pretrained", "none", "--out", tmp_path / "run"]):
+        code, _, err = run_cli(*args)
+        assert one_line_error(code, err) and "outside the dataset root" in err, (args, err)
+    assert victim.read_bytes() == before
+    assert not (tmp_path / "copy").exists() and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_manifest_label_must_be_ascii_digits(small_tree, run_cli):
+    assert run_cli("data", "manifest", "--dataset", "folder", "--root", small_tree)[0] == 0
+    with open(small_tree / "manifests" / "alpha.txt", "a") as f:
+        f.write("alpha/one/img0.png \u00b2\n")  # superscript two: str.isdigit() says yes
+    code, _, err = run_cli("data", "check", "--dataset", "folder", "--root", small_tree)
+    assert one_line_error(code, err) and "bad manifest line" in err
+
+
+def test_an_output_inside_the_dataset_root_is_refused(small_tree, run_cli):
+    before = snapshot(small_tree)
+    root = ["--dataset", "folder", "--root", small_tree]
+    for args in (["train", *root, "--source", "alpha", "--target", "beta", "--backbone",
+                  "digitnet", "--pretrained", "none", "--out", small_tree / "runs"],
+                 ["data", "cache", *root, "--size", "8", "--out", small_tree / "alpha" / "c"],
+                 ["data", "manifest", *root, "--out", small_tree / "alpha" / "m"]):
+        code, _, err = run_cli(*args)
+        assert one_line_error(code, err) and "inside the dataset root" in err, (args, err)
+    assert snapshot(small_tree) == before and sorted(p.name for p in small_tree.iterdir()) == [
+        "alpha", "beta"]
+
+
+def _hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process holding `run_dir`'s lock until its stdin closes."""
+    code = ("import sys; from domadapt.rundir import run_lock\n"
+            f"with run_lock({str(run_dir)!r}) as mine:\n"
+            "    print(mine, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONPATH": str(TESTS.parent)})
+    assert proc.stdout.readline().strip() == "True"
+    return proc
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(tree, tmp_path, run_cli):
+    """Two `train` on one --out once mixed their files; the one that finds the run directory
+    locked now ends with one line and writes nothing. The same directory run as a sweep cell
+    (which holds that lock itself) trains."""
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree, iters=2).items()]
+        code, _, err = run_cli("train", *args, "--out", out, "--device", "cpu", "--quiet")
+    finally:
+        holder.communicate("")
+    assert one_line_error(code, err) and "in use by another run" in err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    cfg = make_config(**options(tree, iters=2))
+    from domadapt.sweep import RAN, run_cell
+    assert run_cell(cfg, out, device="cpu").status == RAN
+
+
+def test_resume_over_changed_data_is_refused_and_changes_no_file(small_tree, tmp_path,
+                                                                 sigterm_guard):
+    cfg = make_config(**options(small_tree, iters=10, batch_size=4))
+    out = tmp_path / "run"
+    interrupted_run(cfg, out, batch=2 * 7)
+    before = snapshot(out)
+    write_image_tree(tmp_path / "more", ["alpha"], ["one"], 3, size=16, seed=1)
+    for k in range(3):
+        (tmp_path / "more" / "alpha" / "one" / f"img{k}.png").rename(
+            small_tree / "alpha" / "one" / f"new{k}.png")
+    with pytest.raises(UserError, match="alpha changed since the run started"):
+        run(cfg.replace(num_workers=1), out, device="cpu", quiet=True)
+    assert snapshot(out) == before
+
+
+def test_a_refusal_lists_only_what_changes_the_result(tree, tmp_path):
+    out = tmp_path / "run"
+    run(make_config(**options(tree, iters=2)), out, device="cpu", quiet=True)
+    other = make_config(**options(tree, iters=2, lr=0.02, num_workers=1, eval_every=1))
+    with pytest.raises(UserError, match="holds a different run") as e:
+        run(other, out, device="cpu", quiet=True)
+    assert "lr: 0.05 -> 0.02" in str(e.value)
+    assert "num_workers" not in str(e.value) and "eval_every" not in str(e.value)
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--momentum", "inf"),
+                                        ("--weight-decay", "nan"), ("--adv-weight", "-inf"),
+                                        ("--gate-lr-mult", "inf"), ("--crop-scale-min", "nan")])
+def test_a_non_finite_option_is_refused(tree, tmp_path, run_cli, flag, value):
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree, iters=2).items()]
+    code, _, err = run_cli("train", *args, flag, value, "--out", tmp_path / "run")
+    assert one_line_error(code, err) and f"{flag} must be a finite number" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_data_command_says_so(tmp_path):
+    """typer turned KeyboardInterrupt into a silent exit 130; every command now prints it."""
+    env = os.environ | {"PYTHONPATH": str(TESTS.parent), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "sd"
+    proc = subprocess.Popen([sys.executable, "-c", FOREGROUND_SIGINT + "from cli.main import "
+                             "main; main()", "data", "styledigits", "--out", str(out), "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not list(tmp_path.glob(".sd.*")):  # the build has started
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "error: interrupted\n"
+    assert not out.exists()
