@@ -39,9 +39,11 @@ from domadapt.errors import UserError
 from domadapt.io import (
     CorruptFile,
     atomic_torch_save,
+    atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
     read_json,
+    spreadsheet_safe,
     verify_zip,
 )
 
@@ -122,15 +124,16 @@ class RunDir:
         rows' keys in first-seen order."""
         columns = list(dict.fromkeys(k for row in rows for k in row))
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow([spreadsheet_safe(k) for k in columns])
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+            writer.writerow(["" if row.get(k) is None else spreadsheet_safe(row[k])
+                             for k in columns])
         atomic_write_text(self.log_path, buf.getvalue())
 
     def write_table(self, name: str, table: pd.DataFrame) -> None:
         """A CSV record beside the metrics (e.g. gates.csv), written atomically."""
-        atomic_write_text(self.path / name, table.to_csv(index=False))
+        atomic_write_csv(self.path / name, table, index=False)
 
     def read_log(self) -> pd.DataFrame:
         if not self.log_path.is_file():

@@ -67,7 +67,7 @@ from typing import Any
 import pandas as pd
 
 from domadapt.errors import UserError
-from domadapt.io import atomic_path, atomic_write_text, read_json
+from domadapt.io import atomic_write_csv, atomic_write_text, read_json
 from domadapt.methods import METHODS
 from domadapt.norms import NORMS
 from domadapt.rundir import RECORD, RunDir, sweep_run_dirs
@@ -1028,8 +1028,7 @@ def _check_unique(runs: list[FinishedRun]) -> None:
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path, index: bool = True) -> Path:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=index)
+    atomic_write_csv(path, frame, index=index)
     return path
 
 

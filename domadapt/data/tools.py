@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +16,7 @@ from domadapt.data.dataset import load_image
 from domadapt.data.manifest import Items, domain_items, relative, resolve_domains
 from domadapt.data.registry import DatasetSpec, check_outside_root
 from domadapt.errors import UserError
-from domadapt.io import atomic_directory, require_absent
+from domadapt.io import NO_SPACE, atomic_directory, require_absent, write_fully
 from domadapt.progress import progress
 
 T = TypeVar("T")
@@ -130,7 +131,15 @@ def build_resized_cache(
             if scale < 1:
                 new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
                 image = image.resize(new, Image.BICUBIC, reducing_gap=3.0)
-            image.save(tmp / rel, format="JPEG", quality=95)
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=95)
+            try:
+                write_fully(tmp / rel, buf.getvalue())
+            except OSError as e:
+                if e.errno not in NO_SPACE:
+                    raise
+                raise UserError(f"no space left to write {out / rel} ({e.strerror}); {out} was "
+                                f"not created: free space and re-run") from None
 
         for _ in _parallel_map(
             convert, list(targets.items()), workers or default_workers(), quiet, "cache"
