@@ -644,3 +644,91 @@ def test_an_interrupted_data_command_says_so(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "error: interrupted\n"
     assert not out.exists()
+
+
+def test_a_file_size_limit_in_data_cache_fails_naming_the_file(small_tree, tmp_path):
+    """Under `ulimit -f 1` every cached image was cut to 1,024 bytes and the command said it
+    had resized them all; now the short write is caught, named, and no copy is left."""
+    out = tmp_path / "cache"
+    big = write_image_tree(tmp_path / "big", ["alpha"], ["one"], 1, size=128)
+    (big / "alpha" / "one" / "img0.png").rename(small_tree / "alpha" / "one" / "big.png")
+
+    def limit() -> None:  # the child's files may not grow past 1 KiB (EFBIG; SIGXFSZ ignored)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(
+            resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.run([sys.executable, "-m", "cli", "data", "cache", "--dataset", "folder",
+                           "--root", str(small_tree), "--size", "128", "--out", str(out),
+                           "--quiet"], cwd=TESTS.parent, preexec_fn=limit, capture_output=True,
+                          text=True, check=False, env=os.environ | {"PYTHONPATH": str(TESTS.parent)})
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: no space left to write {out / 'alpha' / 'one'}")
+    assert not out.exists() and not list(tmp_path.glob(".cache.*"))
+
+
+def test_every_csv_neutralises_spreadsheet_formulas(tmp_path):
+    """Domain names that a spreadsheet would execute (=, @) reach runs.csv and the tables as
+    text starting with a single quote; negative numbers stay numbers."""
+    import csv
+
+    root = write_image_tree(tmp_path / "data", ["=cmd", "@two"], ["+one", "-two"], 4, size=16)
+    o = options(root, iters=2, batch_size=4, eval_every=2, checkpoint_every=2)
+    plan = plan_sweep(dataset="folder", root=str(root), tasks="=cmd:@two", methods="dann",
+                      norms="bin", seeds="0", multidomain=False,
+                      **{k: o[k] for k in ("backbone", "pretrained", "iters", "batch_size",
+                                           "image_size", "resize_size", "bottleneck_dim",
+                                           "disc_hidden", "lr", "backbone_lr_mult",
+                                           "eval_every", "checkpoint_every", "num_workers")})
+    sweep_dir = tmp_path / "sweep"
+    assert run_sweep(plan, sweep_dir, LocalLauncher(), device="cpu", quiet=True).ran == 1
+    cells = [cell for path in sorted(sweep_dir.rglob("*.csv"))
+             for row in csv.reader(path.open()) for cell in row]
+    assert "'=cmd" in cells and any(c.startswith("'=cmd") for c in cells)
+    dangerous = [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    for cell in dangerous:
+        float(cell)  # only numbers may start so
+    assert "'@two" in cells
+
+
+def test_a_sixteen_bit_png_keeps_its_range(tmp_path):
+    from PIL import Image
+
+    from domadapt.data.dataset import load_image
+    ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    decoded = np.asarray(load_image(tmp_path / "wide.png"), dtype=np.float64)[..., 0]
+    assert np.abs(decoded - ramp / 257).max() <= 0.5  # convert('RGB') alone: almost all 255
+
+
+def test_unknown_image_types_and_lost_found_are_listed_as_skipped(small_tree, run_cli):
+    for ext in (".webp", ".tif", ".gif"):
+        (small_tree / "alpha" / "one" / f"photo{ext}").write_bytes(b"not read")
+    (small_tree / "lost+found").mkdir()
+    code, out, _ = run_cli("data", "check", "--dataset", "folder", "--root", small_tree)
+    assert code == 0 and "skipped 4 entries" in out
+    for name in ("lost+found/", "alpha/one/photo.webp", "alpha/one/photo.tif",
+                 "alpha/one/photo.gif"):
+        assert f"  {name}\n" in out
+    assert "lost+found " not in out.split("skipped")[1].split("\n", 5)[-1]  # not a domain row
+    from domadapt.data import get_dataset
+    assert get_dataset("folder").domain_names(small_tree) == ["alpha", "beta"]
+
+
+def test_one_class_warns_and_an_empty_test_split_is_refused_before_training(tmp_path, capsys):
+    root = write_image_tree(tmp_path / "one", ["alpha", "beta"], ["only"], 6, size=16)
+    run(make_config(**options(root, iters=2, batch_size=4)), tmp_path / "r1", device="cpu",
+        quiet=True)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "has one class (only)" in err
+    cfg = make_config(**{k: v for k, v in options(root, iters=2, batch_size=4).items()
+                         if k not in ("source", "target", "method")},
+                      setting="multidomain", method="source-only", test_fraction=0.001)
+    with pytest.raises(UserError, match="leaves no test image"):
+        run(cfg, tmp_path / "r2", device="cpu", quiet=True)
+    assert not (tmp_path / "r2" / "config.json").exists()
+
+
+def test_data_split_with_a_negative_seed_is_one_line(small_tree, run_cli):
+    code, _, err = run_cli("data", "split", "--dataset", "folder", "--root", small_tree,
+                           "--seed", "-5")
+    assert one_line_error(code, err) and "seed must be >= 0" in err
