@@ -151,15 +151,15 @@ class RunDir:
 
     def read_checkpoint(self, map_location: str | torch.device = "cpu", *,
                         path: Path | None = None) -> dict[str, Any]:
-        """checkpoint.pt (or `path`), its zip checksums verified; UserError if unreadable."""
+        """checkpoint.pt (or `path`), its zip checksums verified; UserError if unreadable (what
+        to do about it depends on the caller: resume or analysis)."""
         path = path or self.checkpoint_path
         try:
             verify_zip(path)  # torch.load would take a bit-rotted tensor as it is
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001  (truncated / foreign file: many types)
             why = str(e) if isinstance(e, CorruptFile) else type(e).__name__
-            raise UserError(f"{path}: unreadable checkpoint ({why}); delete it to "
-                            f"restart the run") from None
+            raise UserError(f"{path}: unreadable checkpoint ({why})") from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{path}: not a domadapt checkpoint (format {CHECKPOINT_FORMAT})")
         return ckpt
@@ -176,7 +176,7 @@ class RunDir:
             try:
                 ckpt = self.read_checkpoint(map_location, path=path)
             except UserError as e:
-                bad.append((path, str(e).removeprefix(f"{path}: ").split(";")[0]))
+                bad.append((path, str(e).removeprefix(f"{path}: ")))
                 continue
             if bad:
                 print(f"warning: {bad[0][0]}: {bad[0][1]}; resuming from {path.name}, the "

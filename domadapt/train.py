@@ -92,11 +92,18 @@ def load_trained(run_dir: Path, device: str = "cpu", *, require_finished: bool =
     cfg, info = rd.read_config()
     if require_finished and not rd.is_done():
         raise UserError(f"{rd.path}: the run is not finished (no {METRICS})")
+    retrain = (f"to rebuild it, delete {rd.metrics_path} and re-run the command in "
+               f"{rd.config_path} (runtime.command): the run trains again")
     if not rd.checkpoint_path.is_file():
         raise UserError(f"{rd.checkpoint_path}: no checkpoint (committed sweeps leave them "
-                        f"out); to rebuild it, delete {rd.metrics_path} and re-run the command "
-                        f"in {rd.config_path} (runtime.command): the run trains again")
-    ckpt = rd.read_checkpoint(map_location="cpu")
+                        f"out); {retrain}")
+    try:
+        ckpt = rd.read_checkpoint(map_location="cpu")
+    except UserError as e:
+        if not rd.is_done():
+            raise
+        raise UserError(f"{e}; the trained model of this finished run is lost: {retrain}"
+                        ) from None
     model = build_model(cfg, len(info["data"]["classes"]), load_pretrained=False)
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["method"].items()

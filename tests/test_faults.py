@@ -732,3 +732,15 @@ def test_data_split_with_a_negative_seed_is_one_line(small_tree, run_cli):
     code, _, err = run_cli("data", "split", "--dataset", "folder", "--root", small_tree,
                            "--seed", "-5")
     assert one_line_error(code, err) and "seed must be >= 0" in err
+
+
+@pytest.mark.parametrize("command", ["gates", "analyze"])
+def test_a_bad_checkpoint_of_a_finished_run_is_named_truly(tree, tmp_path, run_cli, command):
+    """`gates` and `analyze` said "delete it to restart the run", which restarts nothing."""
+    out = tmp_path / "run"
+    run(make_config(**options(tree, iters=2)), out, device="cpu", quiet=True)
+    corrupt(out / "checkpoint.pt", "truncated")
+    code, _, err = run_cli(command, out)
+    assert one_line_error(code, err) and "restart" not in err
+    assert err.startswith(f"error: {out / 'checkpoint.pt'}: unreadable checkpoint")
+    assert f"delete {out / 'metrics.json'} and re-run" in err
