@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from domadapt.backbones import check_backbone
+from domadapt.backbones import check_backbone, check_image_size
 from domadapt.data.transforms import INTERPOLATIONS, RESIZE_MODES, check_transform_options
 from domadapt.errors import UserError
 from domadapt.methods import METHODS, get_method
@@ -120,6 +120,10 @@ class RunConfig:
                      "checkpoint_every", "bottleneck_dim"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2 (BatchNorm normalises by the "
+                            f"batch's statistics), got {self.batch_size}")
+        check_image_size(self.backbone, self.image_size)
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         for name in ("seed", "split_seed", "weight_decay", "backbone_lr_mult", "momentum"):

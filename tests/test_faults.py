@@ -744,3 +744,17 @@ def test_a_bad_checkpoint_of_a_finished_run_is_named_truly(tree, tmp_path, run_c
     assert one_line_error(code, err) and "restart" not in err
     assert err.startswith(f"error: {out / 'checkpoint.pt'}: unreadable checkpoint")
     assert f"delete {out / 'metrics.json'} and re-run" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "source-only", "--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--image-size", "2", "--resize-size", "2"], "--image-size 2 is too small for the digitnet"),
+])
+def test_options_a_network_cannot_take_are_refused_before_training(tree, tmp_path, run_cli,
+                                                                   extra, message):
+    """A BatchNorm over one sample, or a crop that digitnet's pooling shrinks to nothing,
+    raised inside the first training step."""
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree, iters=2).items()]
+    code, _, err = run_cli("train", *args, *extra, "--out", tmp_path / "run", "--quiet")
+    assert one_line_error(code, err) and message in err
+    assert not (tmp_path / "run").exists()
