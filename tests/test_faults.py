@@ -758,3 +758,42 @@ def test_options_a_network_cannot_take_are_refused_before_training(tree, tmp_pat
     code, _, err = run_cli("train", *args, *extra, "--out", tmp_path / "run", "--quiet")
     assert one_line_error(code, err) and message in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tree, tmp_path_factory) -> Path:
+    """A directory of finished runs on two different folder datasets (no sweep.json)."""
+    sweep = tmp_path_factory.mktemp("two-datasets")
+    other = write_image_tree(tmp_path_factory.mktemp("other") / "data", ["color", "gray"],
+                             ["one", "three", "two"], 4, size=16)
+    run(make_config(**options(tree, iters=2)), sweep / "runs" / "a", device="cpu", quiet=True)
+    run(make_config(**options(other, iters=2, source="color", target="gray", batch_size=4)),
+        sweep / "runs" / "b", device="cpu", quiet=True)
+    return sweep
+
+
+def test_tables_over_runs_of_two_folder_datasets_work(two_datasets, tmp_path, run_cli):
+    code, _, err = run_cli("tables", two_datasets, "--out", tmp_path / "t")
+    assert code == 0, err
+    assert sorted(pd.read_csv(tmp_path / "t" / "runs.csv")["task"]) == ["alpha->beta",
+                                                                      "color->gray"]
+
+
+@pytest.mark.parametrize("file,damage", [
+    ("metrics.json", lambda d: d.pop("target_acc")),
+    ("metrics.json", lambda d: d.update(target_acc="0.9")),
+    ("config.json", lambda d: d["config"].pop("seed")),
+    ("config.json", lambda d: d["config"].update(setting=3)),
+])
+def test_tables_on_valid_json_lacking_a_field_is_one_line(two_datasets, tmp_path, run_cli,
+                                                          file, damage):
+    """A KeyError or TypeError before; a sweep rebuilding its tables died of it."""
+    import shutil
+    sweep = tmp_path / "sweep"
+    shutil.copytree(two_datasets, sweep)
+    path = sweep / "runs" / "a" / file
+    record = json.loads(path.read_text())
+    damage(record)
+    path.write_text(json.dumps(record))
+    code, _, err = run_cli("tables", sweep)
+    assert one_line_error(code, err) and err.startswith(f"error: corrupt {path}: ")
