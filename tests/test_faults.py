@@ -512,6 +512,14 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def one_line_error(code: int, err: str) -> bool:
     return code != 0 and err.count("\n") == 1 and err.startswith("error: ")
 
@@ -523,7 +531,8 @@ def small_tree(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("where", ["relative", "absolute"])
-def test_a_manifest_cannot_lead_outside_its_root(small_tree, tmp_path, run_cli, where):
+def test_a_manifest_cannot_lead_outside_its_root(small_tree, tmp_path, run_cli, record,
+                                                  where):
     """`data cache` with --out beside --root once overwrote the image `../victim/...` named
     (its temporary folder lies beside --out)."""
     victim = tmp_path / "victim" / "photo.png"
@@ -540,20 +549,24 @@ def test_a_manifest_cannot_lead_outside_its_root(small_tree, tmp_path, run_cli, 
                  ["train", *root, "--source", "alpha", "--target", "beta", "--backbone",
                   "digitnet", "--pretrained", "none", "--out", tmp_path / "run"]):
         code, _, err = run_cli(*args)
+        record("input: manifest path outside its root (data cache, data check, train)",
+               one_line_error(code, err) and "outside the dataset root" in err
+               and victim.read_bytes() == before)
         assert one_line_error(code, err) and "outside the dataset root" in err, (args, err)
     assert victim.read_bytes() == before
     assert not (tmp_path / "copy").exists() and not (tmp_path / "run" / "config.json").exists()
 
 
-def test_a_manifest_label_must_be_ascii_digits(small_tree, run_cli):
+def test_a_manifest_label_must_be_ascii_digits(small_tree, run_cli, record):
     assert run_cli("data", "manifest", "--dataset", "folder", "--root", small_tree)[0] == 0
     with open(small_tree / "manifests" / "alpha.txt", "a") as f:
         f.write("alpha/one/img0.png \u00b2\n")  # superscript two: str.isdigit() says yes
     code, _, err = run_cli("data", "check", "--dataset", "folder", "--root", small_tree)
+    record("input: manifest label not an ASCII number", one_line_error(code, err))
     assert one_line_error(code, err) and "bad manifest line" in err
 
 
-def test_an_output_inside_the_dataset_root_is_refused(small_tree, run_cli):
+def test_an_output_inside_the_dataset_root_is_refused(small_tree, run_cli, record):
     before = snapshot(small_tree)
     root = ["--dataset", "folder", "--root", small_tree]
     for args in (["train", *root, "--source", "alpha", "--target", "beta", "--backbone",
@@ -561,6 +574,8 @@ def test_an_output_inside_the_dataset_root_is_refused(small_tree, run_cli):
                  ["data", "cache", *root, "--size", "8", "--out", small_tree / "alpha" / "c"],
                  ["data", "manifest", *root, "--out", small_tree / "alpha" / "m"]):
         code, _, err = run_cli(*args)
+        record("input: --out inside the dataset root (train, data cache, data manifest)",
+               one_line_error(code, err) and snapshot(small_tree) == before)
         assert one_line_error(code, err) and "inside the dataset root" in err, (args, err)
     assert snapshot(small_tree) == before and sorted(p.name for p in small_tree.iterdir()) == [
         "alpha", "beta"]
@@ -578,7 +593,7 @@ def _hold_lock(run_dir: Path) -> subprocess.Popen:
     return proc
 
 
-def test_a_second_writer_of_a_run_directory_is_refused(tree, tmp_path, run_cli):
+def test_a_second_writer_of_a_run_directory_is_refused(tree, tmp_path, run_cli, record):
     """Two `train` on one --out once mixed their files; the one that finds the run directory
     locked now ends with one line and writes nothing. The same directory run as a sweep cell
     (which holds that lock itself) trains."""
@@ -589,6 +604,8 @@ def test_a_second_writer_of_a_run_directory_is_refused(tree, tmp_path, run_cli):
         code, _, err = run_cli("train", *args, "--out", out, "--device", "cpu", "--quiet")
     finally:
         holder.communicate("")
+    record("second writer of a locked run directory", one_line_error(code, err) and sorted(
+        p.name for p in out.iterdir()) == [".lock"])
     assert one_line_error(code, err) and "in use by another run" in err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
     cfg = make_config(**options(tree, iters=2))
@@ -597,7 +614,7 @@ def test_a_second_writer_of_a_run_directory_is_refused(tree, tmp_path, run_cli):
 
 
 def test_resume_over_changed_data_is_refused_and_changes_no_file(small_tree, tmp_path,
-                                                                 sigterm_guard):
+                                                                 sigterm_guard, record):
     cfg = make_config(**options(small_tree, iters=10, batch_size=4))
     out = tmp_path / "run"
     interrupted_run(cfg, out, batch=2 * 7)
@@ -608,6 +625,7 @@ def test_resume_over_changed_data_is_refused_and_changes_no_file(small_tree, tmp
             small_tree / "alpha" / "one" / f"new{k}.png")
     with pytest.raises(UserError, match="alpha changed since the run started"):
         run(cfg.replace(num_workers=1), out, device="cpu", quiet=True)
+    record("SIGTERM, then 3 images added and the run resumed (refused)", snapshot(out) == before)
     assert snapshot(out) == before
 
 
@@ -624,14 +642,16 @@ def test_a_refusal_lists_only_what_changes_the_result(tree, tmp_path):
 @pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--momentum", "inf"),
                                         ("--weight-decay", "nan"), ("--adv-weight", "-inf"),
                                         ("--gate-lr-mult", "inf"), ("--crop-scale-min", "nan")])
-def test_a_non_finite_option_is_refused(tree, tmp_path, run_cli, flag, value):
+def test_a_non_finite_option_is_refused(tree, tmp_path, run_cli, record, flag, value):
     args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree, iters=2).items()]
     code, _, err = run_cli("train", *args, flag, value, "--out", tmp_path / "run")
+    record("input: NaN or infinite float option", one_line_error(code, err)
+           and not (tmp_path / "run").exists())
     assert one_line_error(code, err) and f"{flag} must be a finite number" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_an_interrupted_data_command_says_so(tmp_path):
+def test_an_interrupted_data_command_says_so(tmp_path, record):
     """typer turned KeyboardInterrupt into a silent exit 130; every command now prints it."""
     env = os.environ | {"PYTHONPATH": str(TESTS.parent), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "sd"
@@ -642,11 +662,13 @@ def test_an_interrupted_data_command_says_so(tmp_path):
         assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
+    record("SIGTERM to a data command (one line, exit 130)",
+           proc.returncode == 130 and err == "error: interrupted\n" and not out.exists())
     assert proc.returncode == 130 and err == "error: interrupted\n"
     assert not out.exists()
 
 
-def test_a_file_size_limit_in_data_cache_fails_naming_the_file(small_tree, tmp_path):
+def test_a_file_size_limit_in_data_cache_fails_naming_the_file(small_tree, tmp_path, record):
     """Under `ulimit -f 1` every cached image was cut to 1,024 bytes and the command said it
     had resized them all; now the short write is caught, named, and no copy is left."""
     out = tmp_path / "cache"
@@ -661,12 +683,14 @@ def test_a_file_size_limit_in_data_cache_fails_naming_the_file(small_tree, tmp_p
                            "--root", str(small_tree), "--size", "128", "--out", str(out),
                            "--quiet"], cwd=TESTS.parent, preexec_fn=limit, capture_output=True,
                           text=True, check=False, env=os.environ | {"PYTHONPATH": str(TESTS.parent)})
+    record("file-size limit hit by data cache (kernel EFBIG)", proc.returncode != 0
+           and proc.stderr.count("\n") == 1 and not out.exists())
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: no space left to write {out / 'alpha' / 'one'}")
     assert not out.exists() and not list(tmp_path.glob(".cache.*"))
 
 
-def test_every_csv_neutralises_spreadsheet_formulas(tmp_path):
+def test_every_csv_neutralises_spreadsheet_formulas(tmp_path, record):
     """Domain names that a spreadsheet would execute (=, @) reach runs.csv and the tables as
     text starting with a single quote; negative numbers stay numbers."""
     import csv
@@ -685,26 +709,31 @@ def test_every_csv_neutralises_spreadsheet_formulas(tmp_path):
              for row in csv.reader(path.open()) for cell in row]
     assert "'=cmd" in cells and any(c.startswith("'=cmd") for c in cells)
     dangerous = [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
-    for cell in dangerous:
-        float(cell)  # only numbers may start so
+    record("input: domain names a spreadsheet executes, in every CSV", "'=cmd" in cells
+           and all(is_number(c) for c in dangerous))
+    assert all(is_number(c) for c in dangerous), dangerous  # only numbers may start so
     assert "'@two" in cells
 
 
-def test_a_sixteen_bit_png_keeps_its_range(tmp_path):
+def test_a_sixteen_bit_png_keeps_its_range(tmp_path, record):
     from PIL import Image
 
     from domadapt.data.dataset import load_image
     ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "wide.png")
     decoded = np.asarray(load_image(tmp_path / "wide.png"), dtype=np.float64)[..., 0]
+    record("input: 16-bit PNG", np.abs(decoded - ramp / 257).max() <= 0.5)
     assert np.abs(decoded - ramp / 257).max() <= 0.5  # convert('RGB') alone: almost all 255
 
 
-def test_unknown_image_types_and_lost_found_are_listed_as_skipped(small_tree, run_cli):
+def test_unknown_image_types_and_lost_found_are_listed_as_skipped(small_tree, run_cli,
+                                                                  record):
     for ext in (".webp", ".tif", ".gif"):
         (small_tree / "alpha" / "one" / f"photo{ext}").write_bytes(b"not read")
     (small_tree / "lost+found").mkdir()
     code, out, _ = run_cli("data", "check", "--dataset", "folder", "--root", small_tree)
+    record("input: .webp/.tif/.gif files and lost+found (listed as skipped)",
+           code == 0 and "skipped 4 entries" in out)
     assert code == 0 and "skipped 4 entries" in out
     for name in ("lost+found/", "alpha/one/photo.webp", "alpha/one/photo.tif",
                  "alpha/one/photo.gif"):
@@ -714,33 +743,41 @@ def test_unknown_image_types_and_lost_found_are_listed_as_skipped(small_tree, ru
     assert get_dataset("folder").domain_names(small_tree) == ["alpha", "beta"]
 
 
-def test_one_class_warns_and_an_empty_test_split_is_refused_before_training(tmp_path, capsys):
+def test_one_class_warns_and_an_empty_test_split_is_refused_before_training(tmp_path, capsys,
+                                                                           record):
     root = write_image_tree(tmp_path / "one", ["alpha", "beta"], ["only"], 6, size=16)
     run(make_config(**options(root, iters=2, batch_size=4)), tmp_path / "r1", device="cpu",
         quiet=True)
     err = capsys.readouterr().err
+    record("input: a one-class dataset (warned)", "has one class (only)" in err)
     assert err.startswith("warning: ") and "has one class (only)" in err
     cfg = make_config(**{k: v for k, v in options(root, iters=2, batch_size=4).items()
                          if k not in ("source", "target", "method")},
                       setting="multidomain", method="source-only", test_fraction=0.001)
     with pytest.raises(UserError, match="leaves no test image"):
         run(cfg, tmp_path / "r2", device="cpu", quiet=True)
+    record("input: multidomain --test-fraction 0.001 (empty test split)",
+           not (tmp_path / "r2" / "config.json").exists())
     assert not (tmp_path / "r2" / "config.json").exists()
 
 
-def test_data_split_with_a_negative_seed_is_one_line(small_tree, run_cli):
+def test_data_split_with_a_negative_seed_is_one_line(small_tree, run_cli, record):
     code, _, err = run_cli("data", "split", "--dataset", "folder", "--root", small_tree,
                            "--seed", "-5")
+    record("input: data split --seed -5", one_line_error(code, err))
     assert one_line_error(code, err) and "seed must be >= 0" in err
 
 
 @pytest.mark.parametrize("command", ["gates", "analyze"])
-def test_a_bad_checkpoint_of_a_finished_run_is_named_truly(tree, tmp_path, run_cli, command):
+def test_a_bad_checkpoint_of_a_finished_run_is_named_truly(tree, tmp_path, run_cli, record,
+                                                           command):
     """`gates` and `analyze` said "delete it to restart the run", which restarts nothing."""
     out = tmp_path / "run"
     run(make_config(**options(tree, iters=2)), out, device="cpu", quiet=True)
     corrupt(out / "checkpoint.pt", "truncated")
     code, _, err = run_cli(command, out)
+    record("corrupt checkpoint of a finished run (gates, analyze)",
+           one_line_error(code, err) and "restart" not in err)
     assert one_line_error(code, err) and "restart" not in err
     assert err.startswith(f"error: {out / 'checkpoint.pt'}: unreadable checkpoint")
     assert f"delete {out / 'metrics.json'} and re-run" in err
@@ -751,11 +788,12 @@ def test_a_bad_checkpoint_of_a_finished_run_is_named_truly(tree, tmp_path, run_c
     (["--image-size", "2", "--resize-size", "2"], "--image-size 2 is too small for the digitnet"),
 ])
 def test_options_a_network_cannot_take_are_refused_before_training(tree, tmp_path, run_cli,
-                                                                   extra, message):
+                                                                   record, extra, message):
     """A BatchNorm over one sample, or a crop that digitnet's pooling shrinks to nothing,
     raised inside the first training step."""
     args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree, iters=2).items()]
     code, _, err = run_cli("train", *args, *extra, "--out", tmp_path / "run", "--quiet")
+    record("input: --batch-size 1 or --image-size 2 (digitnet)", one_line_error(code, err))
     assert one_line_error(code, err) and message in err
     assert not (tmp_path / "run").exists()
 
@@ -772,8 +810,9 @@ def two_datasets(tree, tmp_path_factory) -> Path:
     return sweep
 
 
-def test_tables_over_runs_of_two_folder_datasets_work(two_datasets, tmp_path, run_cli):
+def test_tables_over_runs_of_two_folder_datasets_work(two_datasets, tmp_path, run_cli, record):
     code, _, err = run_cli("tables", two_datasets, "--out", tmp_path / "t")
+    record("input: tables over runs of two folder datasets (work)", code == 0)
     assert code == 0, err
     assert sorted(pd.read_csv(tmp_path / "t" / "runs.csv")["task"]) == ["alpha->beta",
                                                                       "color->gray"]
@@ -786,7 +825,7 @@ def test_tables_over_runs_of_two_folder_datasets_work(two_datasets, tmp_path, ru
     ("config.json", lambda d: d["config"].update(setting=3)),
 ])
 def test_tables_on_valid_json_lacking_a_field_is_one_line(two_datasets, tmp_path, run_cli,
-                                                          file, damage):
+                                                          record, file, damage):
     """A KeyError or TypeError before; a sweep rebuilding its tables died of it."""
     import shutil
     sweep = tmp_path / "sweep"
@@ -796,4 +835,5 @@ def test_tables_on_valid_json_lacking_a_field_is_one_line(two_datasets, tmp_path
     damage(record)
     path.write_text(json.dumps(record))
     code, _, err = run_cli("tables", sweep)
+    record("config.json or metrics.json lacking a field (tables)", one_line_error(code, err))
     assert one_line_error(code, err) and err.startswith(f"error: corrupt {path}: ")
