@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from domadapt.config import RunConfig, check_choice, make_config
+from domadapt.data.registry import check_outside_root
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json, atomic_write_text
 from domadapt.progress import progress
@@ -477,6 +478,9 @@ def run_sweep(
     sweep_dir = Path(sweep_dir).absolute()  # jobs and workers may run elsewhere
     results_dir = Path(results_dir).absolute() if results_dir is not None else sweep_dir
     cells = [(cfg, cell_dir(sweep_dir, cfg)) for cfg in plan.configs]
+    if root := plan.record.get("root"):
+        check_outside_root(sweep_dir, root)
+        check_outside_root(results_dir, root, "--results")
     _make_dirs(sweep_dir / RUNS_DIR, results_dir)
     atomic_write_json(sweep_dir / RECORD, {
         **plan.record, "results": os.path.relpath(results_dir, sweep_dir), "layout": plan.layout.to_dict(),

@@ -572,9 +572,10 @@ def test_an_output_inside_the_dataset_root_is_refused(small_tree, run_cli, recor
     for args in (["train", *root, "--source", "alpha", "--target", "beta", "--backbone",
                   "digitnet", "--pretrained", "none", "--out", small_tree / "runs"],
                  ["data", "cache", *root, "--size", "8", "--out", small_tree / "alpha" / "c"],
+                 ["sweep", *root, "--tasks", "alpha:beta", "--out", small_tree / "sweep"],
                  ["data", "manifest", *root, "--out", small_tree / "alpha" / "m"]):
         code, _, err = run_cli(*args)
-        record("input: --out inside the dataset root (train, data cache, data manifest)",
+        record("input: --out inside the dataset root (train, sweep, data cache, data manifest)",
                one_line_error(code, err) and snapshot(small_tree) == before)
         assert one_line_error(code, err) and "inside the dataset root" in err, (args, err)
     assert snapshot(small_tree) == before and sorted(p.name for p in small_tree.iterdir()) == [
@@ -837,3 +838,4 @@ def test_tables_on_valid_json_lacking_a_field_is_one_line(two_datasets, tmp_path
     code, _, err = run_cli("tables", sweep)
     record("config.json or metrics.json lacking a field (tables)", one_line_error(code, err))
     assert one_line_error(code, err) and err.startswith(f"error: corrupt {path}: ")
+
