@@ -832,9 +832,9 @@ def test_tables_on_valid_json_lacking_a_field_is_one_line(two_datasets, tmp_path
     sweep = tmp_path / "sweep"
     shutil.copytree(two_datasets, sweep)
     path = sweep / "runs" / "a" / file
-    record = json.loads(path.read_text())
-    damage(record)
-    path.write_text(json.dumps(record))
+    content = json.loads(path.read_text())
+    damage(content)
+    path.write_text(json.dumps(content))
     code, _, err = run_cli("tables", sweep)
     record("config.json or metrics.json lacking a field (tables)", one_line_error(code, err))
     assert one_line_error(code, err) and err.startswith(f"error: corrupt {path}: ")
