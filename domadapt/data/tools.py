@@ -30,9 +30,13 @@ def default_workers() -> int:
 def _parallel_map(
     fn: Callable[[T], R], xs: Sequence[T], workers: int, quiet: bool, desc: str
 ) -> Iterable[R]:
-    """`map` over threads (PIL decodes and encodes without the GIL), in order, with a bar."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    """`map` over threads (PIL decodes and encodes without the GIL), in order, with a bar.
+    Stopped early (Ctrl-C, an error), it drops the images not yet started."""
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
         yield from progress(pool.map(fn, xs), total=len(xs), quiet=quiet, desc=desc, unit="img")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
