@@ -68,7 +68,10 @@ def markdown(rows: list[Row], summary: str, seconds: float) -> str:
     meaning = ("A run *recovered* when, re-run after the fault, it ended with metrics identical "
                "to the uninterrupted run's; a result is *lost* when a cell finished before the "
                "fault has no readable, unchanged metrics.json after it (n/a: no result had "
-               "finished before the fault; what a single run risks is its progress).")
+               "finished before the fault; what a single run risks is its progress). For a "
+               "hostile input (`input:`) and the other refusals, *recovered* means the command "
+               "did what the README promises: one line naming the problem and a non-zero exit "
+               "with nothing written, or the right result (a warning, a skipped file).")
     lines = ["# Fault injection", "", command, "", meaning, "",
              "| fault | injected | recovered | results lost |", "|---|---:|---:|---:|"]
     lines += [f"| {f} | {n} | {ok} | {'n/a' if lost is None else lost} |"

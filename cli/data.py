@@ -162,7 +162,8 @@ def check(
     typer.echo(f"{spec.name} at {root_path}: {len(spec.class_names(root_path))} classes")
     skipped = skipped_entries(spec, root_path, resolve_domains(spec, root_path, domain))
     if skipped:
-        typer.echo(f"skipped {len(skipped)} entries (hidden, or left by archive tools):")
+        typer.echo(f"skipped {len(skipped)} entries (hidden, left by archive tools, or not "
+                   f"a known image type):")
         for path in skipped[:SHOW_SKIPPED]:
             typer.echo(f"  {path.relative_to(root_path)}{'/' if path.is_dir() else ''}")
         if len(skipped) > SHOW_SKIPPED:

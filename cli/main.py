@@ -8,6 +8,7 @@ import signal
 import sys
 from types import FrameType
 
+import click
 import typer
 
 from domadapt.errors import UserError
@@ -51,10 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     one line on stderr and a non-zero exit, never a traceback."""
     stop_on_sigterm()
     try:
-        code = app(args=argv, prog_name="domadapt", standalone_mode=False)
+        code = _invoke(argv)
     except typer.TyperException as e:  # bad option, missing argument, unknown command
         _fail(e.format_message(), getattr(e, "exit_code", 2))
-    except typer.Abort:  # Ctrl-C outside a run's own handler
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C / SIGTERM outside a run's own handler
         _fail("interrupted", 130)
     except UserError as e:  # 1: failed at run time; 2: a UsageError (as click's own)
         _fail(str(e), e.exit_code)
@@ -63,6 +64,18 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         _fail(what + where, 1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _invoke(argv: list[str] | None) -> object:
+    """Run the command; its return value or `typer.Exit` code. Unlike `app()`, which turns a
+    KeyboardInterrupt into a silent Exit(130), it lets the interrupt reach `main`."""
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        with command.make_context("domadapt", args) as ctx:
+            return command.invoke(ctx)
+    except (typer.Exit, click.exceptions.Exit) as e:
+        return e.exit_code
 
 
 def stop_on_sigterm() -> None:

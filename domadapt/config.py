@@ -17,13 +17,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from domadapt.backbones import check_backbone
+from domadapt.backbones import check_backbone, check_image_size
 from domadapt.data.transforms import INTERPOLATIONS, RESIZE_MODES, check_transform_options
 from domadapt.errors import UserError
 from domadapt.methods import METHODS, get_method
 from domadapt.norms import NORMS, get_norm
 from domadapt.provenance import file_sha256
-from domadapt.registry import HparamSpec, hparam_specs, hparams_dict, make_hparams, merged_specs
+from domadapt.registry import (
+    HparamSpec,
+    check_finite,
+    hparam_specs,
+    hparams_dict,
+    make_hparams,
+    merged_specs,
+)
 from domadapt.schedules import SCHEDULE_FORMS, check_schedule_options
 
 SETTINGS = ("transfer", "multidomain")
@@ -106,10 +113,17 @@ class RunConfig:
         check_choice("method", self.method, METHODS.names())
         check_choice("norm", self.norm, NORMS.names())
         check_backbone(self.backbone)
+        for f in core_fields():
+            if isinstance(getattr(self, f.name), float):
+                check_finite(f"--{f.name.replace('_', '-')}", getattr(self, f.name))
         for name in ("iters", "batch_size", "image_size", "resize_size", "eval_every",
                      "checkpoint_every", "bottleneck_dim"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2 (BatchNorm normalises by the "
+                            f"batch's statistics), got {self.batch_size}")
+        check_image_size(self.backbone, self.image_size)
         if self.lr <= 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         for name in ("seed", "split_seed", "weight_decay", "backbone_lr_mult", "momentum"):

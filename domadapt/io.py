@@ -77,9 +77,30 @@ def atomic_path(path: str | os.PathLike, *, keep_previous: str | os.PathLike | N
         raise
 
 
+def write_fully(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` as the whole content of the file `path`, then check its size on disk: a
+    write cut short (a file-size limit, a full disk) is an OSError naming `path`, never a
+    silently truncated file."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+    if size != len(data):
+        raise OSError(errno.EFBIG, f"only {size} of {len(data)} bytes written", os.fspath(path))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *,
+                       keep_previous: str | os.PathLike | None = None) -> None:
+    """`write_fully` through `atomic_path`."""
+    with atomic_path(path, keep_previous=keep_previous) as tmp:
+        write_fully(tmp, data)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -94,8 +115,43 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    with atomic_path(path, keep_previous=keep_previous) as tmp, open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
+    atomic_write_bytes(path, buf.getvalue(), keep_previous=keep_previous)
+
+
+# -- CSV ----------------------------------------------------------------------------------------
+
+# What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """`value` inert in a spreadsheet (the OWASP rule): a string starting with = + - @, a tab
+    or a carriage return gets a leading single quote, unless the whole string is a number
+    ('-4.8', '+18.5'); anything else comes back unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def csv_text(frame: Any, **to_csv: Any) -> str:
+    """`frame.to_csv(**to_csv)` (a pandas DataFrame) with every text cell, column and index
+    label `spreadsheet_safe`; numbers are left as they are. The one way domadapt writes CSV."""
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
+    safe = frame.copy()
+    for i, dtype in enumerate(frame.dtypes):
+        if is_object_dtype(dtype) or is_string_dtype(dtype):
+            safe.iloc[:, i] = frame.iloc[:, i].map(spreadsheet_safe)
+    safe = safe.rename(index=spreadsheet_safe, columns=spreadsheet_safe)
+    return safe.to_csv(**to_csv)
+
+
+def atomic_write_csv(path: str | os.PathLike, frame: Any, **to_csv: Any) -> None:
+    """`csv_text` through `atomic_write_text`."""
+    atomic_write_text(path, csv_text(frame, **to_csv))
 
 
 class CorruptFile(ValueError):

@@ -8,6 +8,7 @@ Every builder returns the Figure; `save_png` writes it atomically.
 from __future__ import annotations
 
 import importlib
+import io
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from domadapt.errors import UserError
-from domadapt.io import atomic_path
+from domadapt.io import atomic_write_bytes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,8 +51,9 @@ def new_figure(width: float, height: float) -> Figure:
 
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
     """Render `fig` to PNG at `path` (temp file + rename)."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _colors(n: int) -> list:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -103,10 +104,19 @@ def coerce(spec: HparamSpec, value: Any) -> Any:
     if not ok:
         raise UserError(f"{spec.flag} must be a {kind.__name__}, got {value!r}")
     value = kind(value)
+    if kind is float:
+        check_finite(spec.flag, value)
     if spec.choices is not None and value not in spec.choices:
         raise UserError(f"{spec.flag}: unknown value {value!r}; choose from "
                         f"{', '.join(spec.choices)}")
     return value
+
+
+def check_finite(flag: str, value: float) -> None:
+    """UserError unless `value` is a finite number: every float option goes through here, so
+    NaN or inf never reaches the range checks (NaN passes `x <= 0`) or training."""
+    if not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
 
 
 def make_hparams(cls: type[T], values: dict[str, Any]) -> T:

@@ -8,7 +8,7 @@ Run directory (written by `domadapt.train.run`)::
     checkpoint.prev.pt  the checkpoint before it, resumed from when checkpoint.pt is unreadable
                    (removed once metrics.json is written)
     metrics.json   written last, only when the run is complete: the done marker
-    .lock          locked (`run_lock`) by the process running the cell (sweeps)
+    .lock          locked (`run_lock`) by the process training the run, for its whole life
     error.txt      traceback of the cell's last failure (sweeps)
 
 Sweep directory::
@@ -39,9 +39,11 @@ from domadapt.errors import UserError
 from domadapt.io import (
     CorruptFile,
     atomic_torch_save,
+    atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
     read_json,
+    spreadsheet_safe,
     verify_zip,
 )
 
@@ -122,15 +124,16 @@ class RunDir:
         rows' keys in first-seen order."""
         columns = list(dict.fromkeys(k for row in rows for k in row))
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow([spreadsheet_safe(k) for k in columns])
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+            writer.writerow(["" if row.get(k) is None else spreadsheet_safe(row[k])
+                             for k in columns])
         atomic_write_text(self.log_path, buf.getvalue())
 
     def write_table(self, name: str, table: pd.DataFrame) -> None:
         """A CSV record beside the metrics (e.g. gates.csv), written atomically."""
-        atomic_write_text(self.path / name, table.to_csv(index=False))
+        atomic_write_csv(self.path / name, table, index=False)
 
     def read_log(self) -> pd.DataFrame:
         if not self.log_path.is_file():
@@ -148,15 +151,15 @@ class RunDir:
 
     def read_checkpoint(self, map_location: str | torch.device = "cpu", *,
                         path: Path | None = None) -> dict[str, Any]:
-        """checkpoint.pt (or `path`), its zip checksums verified; UserError if unreadable."""
+        """checkpoint.pt (or `path`), its zip checksums verified; UserError if unreadable (what
+        to do about it depends on the caller: resume or analysis)."""
         path = path or self.checkpoint_path
         try:
             verify_zip(path)  # torch.load would take a bit-rotted tensor as it is
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # noqa: BLE001  (truncated / foreign file: many types)
             why = str(e) if isinstance(e, CorruptFile) else type(e).__name__
-            raise UserError(f"{path}: unreadable checkpoint ({why}); delete it to "
-                            f"restart the run") from None
+            raise UserError(f"{path}: unreadable checkpoint ({why})") from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{path}: not a domadapt checkpoint (format {CHECKPOINT_FORMAT})")
         return ckpt
@@ -173,7 +176,7 @@ class RunDir:
             try:
                 ckpt = self.read_checkpoint(map_location, path=path)
             except UserError as e:
-                bad.append((path, str(e).removeprefix(f"{path}: ").split(";")[0]))
+                bad.append((path, str(e).removeprefix(f"{path}: ")))
                 continue
             if bad:
                 print(f"warning: {bad[0][0]}: {bad[0][1]}; resuming from {path.name}, the "
@@ -202,14 +205,16 @@ class RunDir:
 @contextmanager
 def run_lock(run_dir: str | Path, *, wait: bool = False) -> Iterator[bool]:
     """Hold an exclusive lock on `run_dir/.lock` (created with its folder). Yields False,
-    holding nothing, when another process holds it and not `wait`. The operating system
-    releases it when its holder dies (flock on POSIX, a locked handle on Windows, both through
-    `filelock`), so a killed sweep or run never leaves a stale lock. (Only where neither
-    exists, filelock falls back to a marker file, which releases by deletion and which a
-    killed holder leaves behind.)"""
+    holding nothing, when another process (or thread) holds it and not `wait`. Re-entrant in
+    the thread holding it: the outermost holder (a sweep's cell) owns it and `train.run` inside
+    nests without blocking. The operating system releases it when its holder dies (flock on
+    POSIX, a locked handle on Windows, both through `filelock`), so a killed sweep or run never
+    leaves a stale lock. (Only where neither exists, filelock falls back to a marker file,
+    which releases by deletion and which a killed holder leaves behind.)"""
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path / LOCK, preserve_lock_file=FileLock is not SoftFileLock)
+    lock = FileLock(path.resolve() / LOCK, preserve_lock_file=FileLock is not SoftFileLock,
+                    is_singleton=True)
     try:
         lock.acquire(timeout=-1 if wait else 0)
     except Timeout:

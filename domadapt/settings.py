@@ -11,6 +11,7 @@ Target labels are only ever used to report, never to pick anything.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,9 @@ def build_data(cfg: RunConfig) -> RunData:
     spec = get_dataset(cfg.dataset)
     root = Path(str(cfg.root))
     classes = spec.class_names(root)
+    if len(classes) == 1:
+        print(f"warning: {root} has one class ({classes[0]}): every prediction is right, "
+              f"accuracy 1.0 measures nothing", file=sys.stderr)
     options = {"flip": spec.hflip, "resize_mode": cfg.resize_mode,
                "interpolation": cfg.interpolation,
                "crop_scale": (cfg.crop_scale_min, cfg.crop_scale_max)}
@@ -69,6 +73,9 @@ def build_data(cfg: RunConfig) -> RunData:
         domains = spec.domain_names(root)
         train_items = [it for d in domains for it in domain_items(spec, root, d, "train", **split)]
         tests = {d: domain_items(spec, root, d, "test", **split) for d in domains}
+        if empty := [d for d, items in tests.items() if not items]:
+            raise UserError(f"--test-fraction {cfg.test_fraction:g} leaves no test image in "
+                            f"{', '.join(empty)}; raise it")
         evals = {d: DomainDataset(items, eval_tf) for d, items in tests.items()}
         counts = {"train": len(train_items)} | {f"test/{d}": len(v) for d, v in tests.items()}
         prints = {d: fingerprint(domain_items(spec, root, d), root) for d in domains}

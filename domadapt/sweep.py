@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from domadapt.config import RunConfig, check_choice, make_config
+from domadapt.data.registry import check_outside_root
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json, atomic_write_text
 from domadapt.progress import progress
@@ -230,7 +231,10 @@ class ProcessLauncher:
     Worker i sees only GPU `gpus[i % len(gpus)]` (CUDA_VISIBLE_DEVICES) when `gpus` is given
     and runs torch on `threads` threads. A worker that dies fails its cell and is replaced.
     When the sweep stops early (Ctrl-C, an error), each busy worker gets one SIGINT, which
-    train.run turns into a checkpoint and a stop, and `grace_seconds` to exit.
+    train.run turns into a checkpoint and a stop, and `grace_seconds` to exit. A worker gets
+    its first cell only once it says it is ready (signal handlers armed): one still starting
+    holds no cell and is killed silently, not interrupted in the middle of its imports (which
+    printed a traceback per worker); an interrupt never cuts a worker's start in two.
     """
 
     workers: int
@@ -245,7 +249,8 @@ class ProcessLauncher:
         try:
             for i in range(min(self.workers, len(pending))):
                 gpu = self.gpus[i % len(self.gpus)] if self.gpus else None
-                slots.append(_Slot(ctx, fn, gpu, self.threads))
+                with _interrupts_deferred():  # a started worker is always in `slots`
+                    slots.append(_Slot(ctx, fn, gpu, self.threads))
                 slots[-1].give(pending)
             while busy := [s for s in slots if s.cell is not None]:
                 mp_wait([s.conn for s in busy] + [s.process.sentinel for s in busy])
@@ -276,15 +281,17 @@ class _Slot:
 
     def _start(self) -> None:
         self.conn, child = self.ctx.Pipe()
+        self.ready = False  # until the worker's READY: no cell sent, no SIGINT
         self.process = self.ctx.Process(target=_worker_main, name="domadapt-sweep-worker",
                                         args=(child, self.fn, self.gpu, self.threads, os.getpid()))
-        self.process.start()
+        with _interrupts_deferred():  # cut short, start() leaves a worker reading EOF
+            self.process.start()
         child.close()
 
     def give(self, pending: list[Cell]) -> None:
-        """Send the worker the next pending cell, if any."""
+        """Hand the worker the next pending cell, if any (sent once it is ready)."""
         self.cell = pending.pop() if pending else None
-        if self.cell is not None:
+        if self.cell is not None and self.ready:
             self.conn.send(self.cell)
 
     def result(self) -> CellResult | None:
@@ -292,8 +299,13 @@ class _Slot:
         assert self.cell is not None
         if self.conn.poll():
             try:
-                return self.conn.recv()
-            except EOFError:
+                message = self.conn.recv()
+                if message != READY:
+                    return message
+                self.ready = True
+                self.conn.send(self.cell)
+                return None
+            except (EOFError, ConnectionError):
                 pass  # died right after the poll
         elif self.process.is_alive():
             return None
@@ -305,8 +317,12 @@ class _Slot:
         return failed
 
     def stop(self) -> None:
-        """Idle: tell the worker to exit. Busy: SIGINT, so train.run checkpoints and stops."""
+        """Idle: tell the worker to exit. Busy: SIGINT, so train.run checkpoints and stops.
+        Still starting: killed (it holds no cell)."""
         if not self.process.is_alive():
+            return
+        if not self.ready:
+            self.process.kill()
             return
         if self.cell is not None:
             os.kill(self.process.pid, signal.SIGINT)  # Windows: terminates it (no checkpoint)
@@ -332,10 +348,33 @@ def _worker_main(conn: Any, fn: CellFn, gpu: str | None, threads: int, parent_pi
         torch.set_num_threads(threads)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     try:
+        conn.send(READY)
         while (cell := conn.recv()) is not None:
             conn.send(fn(*cell))
     except (KeyboardInterrupt, EOFError, ConnectionError):
         pass  # stopped by the sweep, or the sweep is gone (reset or broken pipe, either way)
+
+
+READY = "ready"  # a worker's first message: its signal handlers are armed
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM arriving during the block are acted on at its end (where signals
+    can be handled: the main thread), so the block is never cut in the middle."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for s in dict.fromkeys(caught):
+        signal.raise_signal(s)
 
 
 def _exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
@@ -449,6 +488,9 @@ def run_sweep(
     sweep_dir = Path(sweep_dir).absolute()  # jobs and workers may run elsewhere
     results_dir = Path(results_dir).absolute() if results_dir is not None else sweep_dir
     cells = [(cfg, cell_dir(sweep_dir, cfg)) for cfg in plan.configs]
+    if root := plan.record.get("root"):
+        check_outside_root(sweep_dir, root)
+        check_outside_root(results_dir, root, "--results")
     _make_dirs(sweep_dir / RUNS_DIR, results_dir)
     atomic_write_json(sweep_dir / RECORD, {
         **plan.record, "results": os.path.relpath(results_dir, sweep_dir), "layout": plan.layout.to_dict(),

@@ -67,7 +67,7 @@ from typing import Any
 import pandas as pd
 
 from domadapt.errors import UserError
-from domadapt.io import atomic_path, atomic_write_text, read_json
+from domadapt.io import atomic_write_csv, atomic_write_text, read_json
 from domadapt.methods import METHODS
 from domadapt.norms import NORMS
 from domadapt.provenance import code_label
@@ -145,17 +145,22 @@ def dataset_layout(
     norms: Iterable[str],
     multidomain: bool,
 ) -> Layout:
-    """The Layout of a sweep on `dataset`: tasks sorted into the dataset's canonical order."""
+    """The Layout of a sweep on `dataset`: tasks sorted into the dataset's canonical order.
+    UserError for a task between domains the dataset (at `root`) does not have: runs of two
+    datasets (e.g. two folder datasets) mixed in one sweep directory."""
     from domadapt.data import get_dataset
 
     spec = get_dataset(dataset)
     domains = spec.domain_names(root)
     canonical = {task: i for i, task in enumerate(spec.tasks(root))}
+    tasks = set(tasks)
+    if foreign := sorted(f"{s}->{t}" for s, t in tasks if (s, t) not in canonical):
+        raise UserError(f"{spec.name} at {root} has no task {', '.join(foreign)}")
     return Layout(
         dataset=spec.name,
         domains=tuple(domains),
         short_names={d: spec.short_name(d, root) for d in domains},
-        tasks=tuple(sorted(set(tasks), key=canonical.__getitem__)),
+        tasks=tuple(sorted(tasks, key=canonical.__getitem__)),
         methods=_ordered(methods, method_order()),
         norms=_ordered(norms, NORMS.names()),
         multidomain=multidomain,
@@ -208,16 +213,46 @@ def provenance_note(groups: dict[str, list[FinishedRun]], unit: str) -> str:
 
 
 def finished_runs(run_dirs: Iterable[Path]) -> list[FinishedRun]:
-    """Every run dir holding metrics.json (train.run's done marker); others are skipped."""
+    """Every run dir holding metrics.json (train.run's done marker); others are skipped.
+    UserError naming the file when config.json or metrics.json lacks what the tables read."""
     found = []
     for run_dir in map(RunDir, run_dirs):
         if not run_dir.is_done():
             continue
         info = run_dir.read_config_dict()
+        metrics = run_dir.read_metrics()
+        _check_fields(run_dir.config_path, info["config"], _CONFIG_FIELDS)
+        if info["config"]["setting"] == "transfer":
+            _check_fields(run_dir.config_path, info["config"], {"source": str, "target": str})
+        _check_fields(run_dir.metrics_path, metrics, {"target_acc": float})
+        if info["config"]["setting"] == "multidomain":
+            _check_fields(run_dir.metrics_path, metrics, {"domain_acc": dict})
+            _check_fields(run_dir.metrics_path, metrics["domain_acc"],
+                          dict.fromkeys(metrics["domain_acc"], float))
         log = run_dir.read_log() if run_dir.log_path.is_file() else None
         found.append(FinishedRun(run_dir.path, info["config"], str(info.get("key", "")),
-                                 run_dir.read_metrics(), log, run_provenance(info)))
+                                 metrics, log, run_provenance(info)))
     return found
+
+
+# What the tables read from config.json (under "config") and its type.
+_CONFIG_FIELDS = {"dataset": str, "setting": str, "method": str, "norm": str, "seed": int,
+                  "backbone": str, "iters": int}
+
+
+def _check_fields(path: Path, record: dict[str, Any], fields: dict[str, type]) -> None:
+    """UserError naming `path` unless `record` has every field with its type (an int counts
+    as a float, a bool as neither); `setting` must be transfer or multidomain."""
+    for name, kind in fields.items():
+        value = record.get(name)
+        ok = (isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+              ) and not isinstance(value, bool)
+        if ok and name == "setting":
+            ok = value in ("transfer", "multidomain")
+        if not ok:
+            found = repr(value) if name in record else "missing"
+            raise UserError(f"corrupt {path}: {name!r} is {found}, expected a {kind.__name__}; "
+                            f"restore it, or delete {path.parent} and re-run to train it again")
 
 
 def runs_frame(runs: list[FinishedRun], layout: Layout, sweep_dir: Path) -> pd.DataFrame:
@@ -1070,7 +1105,7 @@ def _layout_from_runs(configs: list[dict[str, Any]]) -> Layout:
     try:
         return dataset_layout(configs[0]["dataset"], configs[0].get("root"), tasks, methods,
                               norms, multidomain)
-    except UserError:  # e.g. a folder dataset whose root is gone
+    except UserError:  # a folder dataset whose root is gone, runs of two folder datasets
         domains = sorted({d for t in tasks for d in t})
         return Layout(configs[0]["dataset"], tuple(domains), {d: d for d in domains},
                       tuple(sorted(tasks)), _ordered(methods, method_order()), _ordered(norms, NORMS.names()),
@@ -1095,8 +1130,7 @@ def _check_unique(runs: list[FinishedRun]) -> None:
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path, index: bool = True) -> Path:
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=index)
+    atomic_write_csv(path, frame, index=index)
     return path
 
 

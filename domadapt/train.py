@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torchvision
 
-from domadapt.config import RunConfig
+from domadapt.config import NON_KEY_FIELDS, RunConfig
+from domadapt.data.registry import check_outside_root
 from domadapt.distributed import DistContext, distributed_context
 from domadapt.engine import NonFiniteLoss, Trainer
 from domadapt.errors import UserError
@@ -38,7 +39,7 @@ from domadapt.provenance import (
     portable_command,
     portable_path,
 )
-from domadapt.rundir import METRICS, RunDir
+from domadapt.rundir import LOCK, METRICS, RunDir, run_lock
 from domadapt.settings import RunData, build_data, resolve_config
 
 __all__ = ["NonFiniteLoss", "build_data", "load_trained", "resolve_config", "run"]
@@ -54,29 +55,34 @@ def run(cfg: RunConfig, run_dir: Path, *, device: str = "auto",
     An unfinished one continues from its checkpoint, ending with the same numbers an
     uninterrupted run would have (bit-identical on CPU). A run_dir holding a different
     configuration is refused (UserError). Under torchrun, trains with DDP (rank 0 writes).
-    Global RNG states of the caller are restored on return.
+    Global RNG states of the caller are restored on return. The run directory is locked
+    (`run_lock`) from start to end: a second writer is refused (UserError) instead of
+    mixing its files with this run's.
     """
     rd = RunDir(run_dir)
     with distributed_context(device) as ctx, _isolated_rng(ctx.device):
         cfg = _agree(ctx, lambda: resolve_config(cfg))  # rank 0 generates styledigits if needed
-        finished = _agree(ctx, lambda: _check_run_dir(cfg, rd))
-        if finished is not None:
-            return finished
-        data = build_data(cfg)
-        _agree(ctx, lambda: _check_same_data(rd, data))
-        trainer = Trainer(cfg, data, rd, ctx, quiet=quiet)  # bad weights etc. fail here
-        trainer.load_checkpoint()
-        if ctx.is_main:
-            _record_launch(cfg, data, rd, ctx, trainer.model,
-                           channels_last=trainer.channels_last, iteration=trainer.state.iteration)
-        trainer.fit()
-        metrics = trainer.metrics()
-        if ctx.is_main:
-            for name, table in trainer.norm.records(trainer.model).items():
-                rd.write_table(name, table)
-            rd.write_metrics(metrics)
-        ctx.barrier()
-        return metrics
+        check_outside_root(rd.path, str(cfg.root))
+        with _exclusive(rd, ctx):
+            finished = _agree(ctx, lambda: _check_run_dir(cfg, rd))
+            if finished is not None:
+                return finished
+            data = build_data(cfg)
+            _agree(ctx, lambda: _check_same_data(rd, data))
+            trainer = Trainer(cfg, data, rd, ctx, quiet=quiet)  # bad weights etc. fail here
+            trainer.load_checkpoint()
+            if ctx.is_main:
+                _record_launch(cfg, data, rd, ctx, trainer.model,
+                               channels_last=trainer.channels_last,
+                               iteration=trainer.state.iteration)
+            trainer.fit()
+            metrics = trainer.metrics()
+            if ctx.is_main:
+                for name, table in trainer.norm.records(trainer.model).items():
+                    rd.write_table(name, table)
+                rd.write_metrics(metrics)
+            ctx.barrier()
+            return metrics
 
 
 def load_trained(run_dir: Path, device: str = "cpu", *, require_finished: bool = True
@@ -86,11 +92,18 @@ def load_trained(run_dir: Path, device: str = "cpu", *, require_finished: bool =
     cfg, info = rd.read_config()
     if require_finished and not rd.is_done():
         raise UserError(f"{rd.path}: the run is not finished (no {METRICS})")
+    retrain = (f"to rebuild it, delete {rd.metrics_path} and re-run the command in "
+               f"{rd.config_path} (runtime.command): the run trains again")
     if not rd.checkpoint_path.is_file():
         raise UserError(f"{rd.checkpoint_path}: no checkpoint (committed sweeps leave them "
-                        f"out); to rebuild it, delete {rd.metrics_path} and re-run the command "
-                        f"in {rd.config_path} (runtime.command): the run trains again")
-    ckpt = rd.read_checkpoint(map_location="cpu")
+                        f"out); {retrain}")
+    try:
+        ckpt = rd.read_checkpoint(map_location="cpu")
+    except UserError as e:
+        if not rd.is_done():
+            raise
+        raise UserError(f"{e}; the trained model of this finished run is lost: {retrain}"
+                        ) from None
     model = build_model(cfg, len(info["data"]["classes"]), load_pretrained=False)
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["method"].items()
@@ -108,7 +121,7 @@ def _check_run_dir(cfg: RunConfig, rd: RunDir) -> dict[str, Any] | None:
     if not cfg.has_key(stored.key()):
         mine, theirs = cfg.to_dict(), stored.to_dict()
         diff = [f"{k}: {v!r} -> {mine[k]!r}" for k, v in theirs.items()
-                if mine.get(k) != v and k not in ("root", "pretrained_sha256")]
+                if mine.get(k) != v and k not in NON_KEY_FIELDS | {"pretrained_sha256"}]
         raise UserError(f"{rd.path} holds a different run ({'; '.join(diff[:4])}); "
                         f"choose another --out")
     if rd.is_done():
@@ -167,6 +180,20 @@ def _record_launch(cfg: RunConfig, data: RunData, rd: RunDir, ctx: DistContext,
         },
         "resumes": [],
     })
+
+
+@contextlib.contextmanager
+def _exclusive(rd: RunDir, ctx: DistContext) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the block (already held by a sweep's cell in
+    this thread: nested); UserError when another process trains into it."""
+    def refuse_if_busy() -> None:
+        if not mine:
+            raise UserError(f"{rd.path} is in use by another run (its {LOCK} is locked); wait "
+                            f"for it to end or choose another --out")
+
+    with run_lock(rd.path) if ctx.is_main else contextlib.nullcontext(True) as mine:
+        _agree(ctx, refuse_if_busy)
+        yield
 
 
 def _agree(ctx: DistContext, fn: Callable[[], T]) -> T:

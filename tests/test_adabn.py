@@ -117,3 +117,16 @@ def test_instance_norm_networks_have_nothing_to_adapt():
 def test_no_batches_is_an_error():
     with pytest.raises(ValueError, match="at least one"):
         adapt_batch_stats(_net(), [])
+
+
+def test_a_last_batch_of_one_sample_joins_the_one_before():
+    """A target of 4 x 2 + 1 images with batch 2 made the 1-d BatchNorm raise after a whole
+    run ("Expected more than 1 value per channel"); the single sample now joins the batch
+    before it and still counts in the statistics."""
+    net = _net().double()
+    batches = _batches() + [_batches()[0][:1]]
+    adapted = adapt_batch_stats(net, batches)
+    mean, var = _pooled(batches)
+    torch.testing.assert_close(adapted[0].running_mean, mean)
+    torch.testing.assert_close(adapted[0].running_var, var)
+    assert int(adapted[3].num_batches_tracked) == 3

@@ -502,3 +502,340 @@ def test_a_root_unpacked_from_a_macos_archive_trains(tree, reference):
     assert (tree / "__MACOSX").is_dir() and (tree / "beta" / "two" / "._img1.png").is_file()
     assert reference["iters"] == ITERS
     assert sorted(reference["per_class_target_acc"]) == ["one", "three", "two"]
+
+
+# -- a hostile user (issue #28): each probe ends in one line, and nothing is written ------------
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes): what a refusal must leave as it was."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def one_line_error(code: int, err: str) -> bool:
+    return code != 0 and err.count("\n") == 1 and err.startswith("error: ")
+
+
+@pytest.fixture
+def small_tree(tmp_path) -> Path:
+    """A fresh 2-domain, 2-class tree this test may change."""
+    return write_image_tree(tmp_path / "data", ["alpha", "beta"], ["one", "two"], 3, size=16)
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_a_manifest_cannot_lead_outside_its_root(small_tree, tmp_path, run_cli, record,
+                                                  where):
+    """`data cache` with --out beside --root once overwrote the image `../victim/...` named
+    (its temporary folder lies beside --out)."""
+    victim = tmp_path / "victim" / "photo.png"
+    victim.parent.mkdir()
+    victim.write_bytes((small_tree / "alpha" / "one" / "img0.png").read_bytes())
+    before = victim.read_bytes()
+    assert run_cli("data", "manifest", "--dataset", "folder", "--root", small_tree)[0] == 0
+    line = "../victim/photo.png" if where == "relative" else str(victim)
+    with open(small_tree / "manifests" / "alpha.txt", "a") as f:
+        f.write(f"{line} 0\n")
+    root = ["--dataset", "folder", "--root", small_tree]
+    for args in (["data", "cache", *root, "--size", "8", "--out", tmp_path / "copy"],
+                 ["data", "check", *root],
+                 ["train", *root, "--source", "alpha", "--target", "beta", "--backbone",
+                  "digitnet", "--pretrained", "none", "--out", tmp_path / "run"]):
+        code, _, err = run_cli(*args)
+        record("input: manifest path outside its root (data cache, data check, train)",
+               one_line_error(code, err) and "outside the dataset root" in err
+               and victim.read_bytes() == before)
+        assert one_line_error(code, err) and "outside the dataset root" in err, (args, err)
+    assert victim.read_bytes() == before
+    assert not (tmp_path / "copy").exists() and not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_manifest_label_must_be_ascii_digits(small_tree, run_cli, record):
+    assert run_cli("data", "manifest", "--dataset", "folder", "--root", small_tree)[0] == 0
+    with open(small_tree / "manifests" / "alpha.txt", "a") as f:
+        f.write("alpha/one/img0.png \u00b2\n")  # superscript two: str.isdigit() says yes
+    code, _, err = run_cli("data", "check", "--dataset", "folder", "--root", small_tree)
+    record("input: manifest label not an ASCII number", one_line_error(code, err))
+    assert one_line_error(code, err) and "bad manifest line" in err
+
+
+def test_an_output_inside_the_dataset_root_is_refused(small_tree, run_cli, record):
+    before = snapshot(small_tree)
+    root = ["--dataset", "folder", "--root", small_tree]
+    for args in (["train", *root, "--source", "alpha", "--target", "beta", "--backbone",
+                  "digitnet", "--pretrained", "none", "--out", small_tree / "runs"],
+                 ["data", "cache", *root, "--size", "8", "--out", small_tree / "alpha" / "c"],
+                 ["sweep", *root, "--tasks", "alpha:beta", "--out", small_tree / "sweep"],
+                 ["data", "manifest", *root, "--out", small_tree / "alpha" / "m"]):
+        code, _, err = run_cli(*args)
+        record("input: --out inside the dataset root (train, sweep, data cache, data manifest)",
+               one_line_error(code, err) and snapshot(small_tree) == before)
+        assert one_line_error(code, err) and "inside the dataset root" in err, (args, err)
+    assert snapshot(small_tree) == before and sorted(p.name for p in small_tree.iterdir()) == [
+        "alpha", "beta"]
+
+
+def _hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process holding `run_dir`'s lock until its stdin closes."""
+    code = ("import sys; from domadapt.rundir import run_lock\n"
+            f"with run_lock({str(run_dir)!r}) as mine:\n"
+            "    print(mine, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True,
+                            env=os.environ | {"PYTHONPATH": str(TESTS.parent)})
+    assert proc.stdout.readline().strip() == "True"
+    return proc
+
+
+def test_a_second_writer_of_a_run_directory_is_refused(tree, tmp_path, run_cli, record):
+    """Two `train` on one --out once mixed their files; the one that finds the run directory
+    locked now ends with one line and writes nothing. The same directory run as a sweep cell
+    (which holds that lock itself) trains."""
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree, iters=2).items()]
+        code, _, err = run_cli("train", *args, "--out", out, "--device", "cpu", "--quiet")
+    finally:
+        holder.communicate("")
+    record("second writer of a locked run directory", one_line_error(code, err) and sorted(
+        p.name for p in out.iterdir()) == [".lock"])
+    assert one_line_error(code, err) and "in use by another run" in err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    cfg = make_config(**options(tree, iters=2))
+    from domadapt.sweep import RAN, run_cell
+    assert run_cell(cfg, out, device="cpu").status == RAN
+
+
+def test_resume_over_changed_data_is_refused_and_changes_no_file(small_tree, tmp_path,
+                                                                 sigterm_guard, record):
+    cfg = make_config(**options(small_tree, iters=10, batch_size=4))
+    out = tmp_path / "run"
+    interrupted_run(cfg, out, batch=2 * 7)
+    before = snapshot(out)
+    write_image_tree(tmp_path / "more", ["alpha"], ["one"], 3, size=16, seed=1)
+    for k in range(3):
+        (tmp_path / "more" / "alpha" / "one" / f"img{k}.png").rename(
+            small_tree / "alpha" / "one" / f"new{k}.png")
+    with pytest.raises(UserError, match="alpha changed since the run started"):
+        run(cfg.replace(num_workers=1), out, device="cpu", quiet=True)
+    record("SIGTERM, then 3 images added and the run resumed (refused)", snapshot(out) == before)
+    assert snapshot(out) == before
+
+
+def test_a_refusal_lists_only_what_changes_the_result(tree, tmp_path):
+    out = tmp_path / "run"
+    run(make_config(**options(tree, iters=2)), out, device="cpu", quiet=True)
+    other = make_config(**options(tree, iters=2, lr=0.02, num_workers=1, eval_every=1))
+    with pytest.raises(UserError, match="holds a different run") as e:
+        run(other, out, device="cpu", quiet=True)
+    assert "lr: 0.05 -> 0.02" in str(e.value)
+    assert "num_workers" not in str(e.value) and "eval_every" not in str(e.value)
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--momentum", "inf"),
+                                        ("--weight-decay", "nan"), ("--adv-weight", "-inf"),
+                                        ("--gate-lr-mult", "inf"), ("--crop-scale-min", "nan")])
+def test_a_non_finite_option_is_refused(tree, tmp_path, run_cli, record, flag, value):
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree, iters=2).items()]
+    code, _, err = run_cli("train", *args, flag, value, "--out", tmp_path / "run")
+    record("input: NaN or infinite float option", one_line_error(code, err)
+           and not (tmp_path / "run").exists())
+    assert one_line_error(code, err) and f"{flag} must be a finite number" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_data_command_says_so(tmp_path, record):
+    """typer turned KeyboardInterrupt into a silent exit 130; every command now prints it."""
+    env = os.environ | {"PYTHONPATH": str(TESTS.parent), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "sd"
+    proc = subprocess.Popen([sys.executable, "-c", FOREGROUND_SIGINT + "from cli.main import "
+                             "main; main()", "data", "styledigits", "--out", str(out), "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not list(tmp_path.glob(".sd.*")):  # the build has started
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    record("SIGTERM to a data command (one line, exit 130)",
+           proc.returncode == 130 and err == "error: interrupted\n" and not out.exists())
+    assert proc.returncode == 130 and err == "error: interrupted\n"
+    assert not out.exists()
+
+
+def test_a_file_size_limit_in_data_cache_fails_naming_the_file(small_tree, tmp_path, record):
+    """Under `ulimit -f 1` every cached image was cut to 1,024 bytes and the command said it
+    had resized them all; now the short write is caught, named, and no copy is left."""
+    out = tmp_path / "cache"
+    big = write_image_tree(tmp_path / "big", ["alpha"], ["one"], 1, size=128)
+    (big / "alpha" / "one" / "img0.png").rename(small_tree / "alpha" / "one" / "big.png")
+
+    def limit() -> None:  # the child's files may not grow past 1 KiB (EFBIG; SIGXFSZ ignored)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.getrlimit(
+            resource.RLIMIT_FSIZE)[1]))
+
+    proc = subprocess.run([sys.executable, "-m", "cli", "data", "cache", "--dataset", "folder",
+                           "--root", str(small_tree), "--size", "128", "--out", str(out),
+                           "--quiet"], cwd=TESTS.parent, preexec_fn=limit, capture_output=True,
+                          text=True, check=False, env=os.environ | {"PYTHONPATH": str(TESTS.parent)})
+    record("file-size limit hit by data cache (kernel EFBIG)", proc.returncode != 0
+           and proc.stderr.count("\n") == 1 and not out.exists())
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: no space left to write {out / 'alpha' / 'one'}")
+    assert not out.exists() and not list(tmp_path.glob(".cache.*"))
+
+
+def test_every_csv_neutralises_spreadsheet_formulas(tmp_path, record):
+    """Domain names that a spreadsheet would execute (=, @) reach runs.csv and the tables as
+    text starting with a single quote; negative numbers stay numbers."""
+    import csv
+
+    root = write_image_tree(tmp_path / "data", ["=cmd", "@two"], ["+one", "-two"], 4, size=16)
+    o = options(root, iters=2, batch_size=4, eval_every=2, checkpoint_every=2)
+    plan = plan_sweep(dataset="folder", root=str(root), tasks="=cmd:@two", methods="dann",
+                      norms="bin", seeds="0", multidomain=False,
+                      **{k: o[k] for k in ("backbone", "pretrained", "iters", "batch_size",
+                                           "image_size", "resize_size", "bottleneck_dim",
+                                           "disc_hidden", "lr", "backbone_lr_mult",
+                                           "eval_every", "checkpoint_every", "num_workers")})
+    sweep_dir = tmp_path / "sweep"
+    assert run_sweep(plan, sweep_dir, LocalLauncher(), device="cpu", quiet=True).ran == 1
+    cells = [cell for path in sorted(sweep_dir.rglob("*.csv"))
+             for row in csv.reader(path.open()) for cell in row]
+    assert "'=cmd" in cells and any(c.startswith("'=cmd") for c in cells)
+    dangerous = [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")]
+    record("input: domain names a spreadsheet executes, in every CSV", "'=cmd" in cells
+           and all(is_number(c) for c in dangerous))
+    assert all(is_number(c) for c in dangerous), dangerous  # only numbers may start so
+    assert "'@two" in cells
+
+
+def test_a_sixteen_bit_png_keeps_its_range(tmp_path, record):
+    from PIL import Image
+
+    from domadapt.data.dataset import load_image
+    ramp = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    decoded = np.asarray(load_image(tmp_path / "wide.png"), dtype=np.float64)[..., 0]
+    record("input: 16-bit PNG", np.abs(decoded - ramp / 257).max() <= 0.5)
+    assert np.abs(decoded - ramp / 257).max() <= 0.5  # convert('RGB') alone: almost all 255
+
+
+def test_unknown_image_types_and_lost_found_are_listed_as_skipped(small_tree, run_cli,
+                                                                  record):
+    for ext in (".webp", ".tif", ".gif"):
+        (small_tree / "alpha" / "one" / f"photo{ext}").write_bytes(b"not read")
+    (small_tree / "lost+found").mkdir()
+    code, out, _ = run_cli("data", "check", "--dataset", "folder", "--root", small_tree)
+    record("input: .webp/.tif/.gif files and lost+found (listed as skipped)",
+           code == 0 and "skipped 4 entries" in out)
+    assert code == 0 and "skipped 4 entries" in out
+    for name in ("lost+found/", "alpha/one/photo.webp", "alpha/one/photo.tif",
+                 "alpha/one/photo.gif"):
+        assert f"  {name}\n" in out
+    assert "lost+found " not in out.split("skipped")[1].split("\n", 5)[-1]  # not a domain row
+    from domadapt.data import get_dataset
+    assert get_dataset("folder").domain_names(small_tree) == ["alpha", "beta"]
+
+
+def test_one_class_warns_and_an_empty_test_split_is_refused_before_training(tmp_path, capsys,
+                                                                           record):
+    root = write_image_tree(tmp_path / "one", ["alpha", "beta"], ["only"], 6, size=16)
+    run(make_config(**options(root, iters=2, batch_size=4)), tmp_path / "r1", device="cpu",
+        quiet=True)
+    err = capsys.readouterr().err
+    record("input: a one-class dataset (warned)", "has one class (only)" in err)
+    assert err.startswith("warning: ") and "has one class (only)" in err
+    cfg = make_config(**{k: v for k, v in options(root, iters=2, batch_size=4).items()
+                         if k not in ("source", "target", "method")},
+                      setting="multidomain", method="source-only", test_fraction=0.001)
+    with pytest.raises(UserError, match="leaves no test image"):
+        run(cfg, tmp_path / "r2", device="cpu", quiet=True)
+    record("input: multidomain --test-fraction 0.001 (empty test split)",
+           not (tmp_path / "r2" / "config.json").exists())
+    assert not (tmp_path / "r2" / "config.json").exists()
+
+
+def test_data_split_with_a_negative_seed_is_one_line(small_tree, run_cli, record):
+    code, _, err = run_cli("data", "split", "--dataset", "folder", "--root", small_tree,
+                           "--seed", "-5")
+    record("input: data split --seed -5", one_line_error(code, err))
+    assert one_line_error(code, err) and "seed must be >= 0" in err
+
+
+@pytest.mark.parametrize("command", ["gates", "analyze"])
+def test_a_bad_checkpoint_of_a_finished_run_is_named_truly(tree, tmp_path, run_cli, record,
+                                                           command):
+    """`gates` and `analyze` said "delete it to restart the run", which restarts nothing."""
+    out = tmp_path / "run"
+    run(make_config(**options(tree, iters=2)), out, device="cpu", quiet=True)
+    corrupt(out / "checkpoint.pt", "truncated")
+    code, _, err = run_cli(command, out)
+    record("corrupt checkpoint of a finished run (gates, analyze)",
+           one_line_error(code, err) and "restart" not in err)
+    assert one_line_error(code, err) and "restart" not in err
+    assert err.startswith(f"error: {out / 'checkpoint.pt'}: unreadable checkpoint")
+    assert f"delete {out / 'metrics.json'} and re-run" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "source-only", "--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--image-size", "2", "--resize-size", "2"], "--image-size 2 is too small for the digitnet"),
+])
+def test_options_a_network_cannot_take_are_refused_before_training(tree, tmp_path, run_cli,
+                                                                   record, extra, message):
+    """A BatchNorm over one sample, or a crop that digitnet's pooling shrinks to nothing,
+    raised inside the first training step."""
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options(tree, iters=2).items()]
+    code, _, err = run_cli("train", *args, *extra, "--out", tmp_path / "run", "--quiet")
+    record("input: --batch-size 1 or --image-size 2 (digitnet)", one_line_error(code, err))
+    assert one_line_error(code, err) and message in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tree, tmp_path_factory) -> Path:
+    """A directory of finished runs on two different folder datasets (no sweep.json)."""
+    sweep = tmp_path_factory.mktemp("two-datasets")
+    other = write_image_tree(tmp_path_factory.mktemp("other") / "data", ["color", "gray"],
+                             ["one", "three", "two"], 4, size=16)
+    run(make_config(**options(tree, iters=2)), sweep / "runs" / "a", device="cpu", quiet=True)
+    run(make_config(**options(other, iters=2, source="color", target="gray", batch_size=4)),
+        sweep / "runs" / "b", device="cpu", quiet=True)
+    return sweep
+
+
+def test_tables_over_runs_of_two_folder_datasets_work(two_datasets, tmp_path, run_cli, record):
+    code, _, err = run_cli("tables", two_datasets, "--out", tmp_path / "t")
+    record("input: tables over runs of two folder datasets (work)", code == 0)
+    assert code == 0, err
+    assert sorted(pd.read_csv(tmp_path / "t" / "runs.csv")["task"]) == ["alpha->beta",
+                                                                      "color->gray"]
+
+
+@pytest.mark.parametrize("file,damage", [
+    ("metrics.json", lambda d: d.pop("target_acc")),
+    ("metrics.json", lambda d: d.update(target_acc="0.9")),
+    ("config.json", lambda d: d["config"].pop("seed")),
+    ("config.json", lambda d: d["config"].update(setting=3)),
+])
+def test_tables_on_valid_json_lacking_a_field_is_one_line(two_datasets, tmp_path, run_cli,
+                                                          record, file, damage):
+    """A KeyError or TypeError before; a sweep rebuilding its tables died of it."""
+    import shutil
+    sweep = tmp_path / "sweep"
+    shutil.copytree(two_datasets, sweep)
+    path = sweep / "runs" / "a" / file
+    content = json.loads(path.read_text())
+    damage(content)
+    path.write_text(json.dumps(content))
+    code, _, err = run_cli("tables", sweep)
+    record("config.json or metrics.json lacking a field (tables)", one_line_error(code, err))
+    assert one_line_error(code, err) and err.startswith(f"error: corrupt {path}: ")
+

@@ -56,3 +56,16 @@ def test_key_ignores_paths_and_cadence_but_not_hyperparameters():
     a = RunConfig(source="Art", target="Clipart")
     assert a.key() == a.replace(root="/elsewhere", num_workers=8, eval_every=7).key()
     assert a.key() != a.replace(seed=1).key() != a.replace(norm="bin").key()
+
+
+def test_csv_text_neutralises_formulas_in_text_cells_only():
+    import pandas as pd
+
+    from domadapt.io import csv_text
+    frame = pd.DataFrame({"name": ["=HYPERLINK(1)", "+one", "-two", "@x", "\tt", "-4.8", "ok"],
+                          "-acc": [-1.5, 2.0, 0.5, -3.0, 1.0, 2.0, 3.0]})
+    lines = csv_text(frame, index=False).splitlines()
+    assert lines[0] == "name,'-acc"
+    assert [line.rsplit(",", 1)[0] for line in lines[1:]] == [
+        "'=HYPERLINK(1)", "'+one", "'-two", "'@x", "'\tt", "-4.8", "ok"]
+    assert [line.rsplit(",", 1)[1] for line in lines[1:]][:4] == ["-1.5", "2.0", "0.5", "-3.0"]

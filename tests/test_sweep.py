@@ -480,3 +480,32 @@ def test_committed_sweeps_keep_their_run_records_but_not_checkpoints() -> None:
     assert not any(ignored(f"{run}/{name}") for name in ("config.json", "metrics.json", "log.csv"))
     assert all(ignored(f"{run}/{name}") for name in ("checkpoint.pt", ".lock", "error.txt"))
     assert ignored("runs/styledigits-demo/sweep.json")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_sweep_stopped_while_its_workers_start_prints_no_traceback(tmp_path: Path,
+                                                                      signum: int) -> None:
+    """Stopped while its spawned workers were still importing, a sweep printed about 100
+    interleaved KeyboardInterrupt traceback lines (theirs); a worker not yet ready is now
+    killed, holding no cell, and no interrupt cuts a worker's start in two."""
+    proc = start_sweep(tmp_path, 1.0, workers=2)
+    deadline = time.time() + 60
+    while len(_children(proc.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.005)
+    workers = _children(proc.pid)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT
+    # the sweep's own (this harness runs it bare, without the CLI's one line), none of theirs
+    assert err.count("Traceback") == 1, err
+    deadline = time.time() + 10  # multiprocessing's resource tracker leaves in its own time
+    while any(_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)

@@ -99,7 +99,8 @@ def test_dann_bin_run_writes_the_run_directory(tree, tmp_path):
     cfg = make_config(**_options(tree))
     metrics = run(cfg, tmp_path / "r", device="cpu", quiet=True)
     files = {p.name for p in (tmp_path / "r").iterdir()}
-    assert files == {"config.json", "metrics.json", "log.csv", "checkpoint.pt", "gates.csv"}
+    assert files == {"config.json", "metrics.json", "log.csv", "checkpoint.pt", "gates.csv",
+                     ".lock"}  # the run held its directory's lock (`run_lock`)
     assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == metrics
     for key in ("target_acc", "source_acc", "per_class_target_acc", "cls_loss", "domain_loss",
                 "disc_acc", "mean_gate", "gate_frac_below_0.1", "iters", "wall_seconds",

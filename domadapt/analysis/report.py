@@ -24,7 +24,7 @@ from domadapt.analysis.gates import HIGH, LOW, gate_totals, summarize_gates
 from domadapt.analysis.tsne import subsample_indices, tsne_embedding
 from domadapt.config import RunConfig
 from domadapt.errors import UserError
-from domadapt.io import atomic_write_json, atomic_write_text, read_json
+from domadapt.io import atomic_write_csv, atomic_write_json, read_json
 
 ANALYSIS_DIRNAME = "analysis"
 FEATURE_KINDS = ("backbone", "bottleneck")  # where the proxy A-distance is measured
@@ -34,7 +34,7 @@ MIN_ANALYSED = 20  # images per domain: room for the probe's held-out half and 3
 
 
 def write_csv(df: pd.DataFrame, path: Path, index: bool = False) -> None:
-    atomic_write_text(path, df.to_csv(index=index, float_format="%.6g"))
+    atomic_write_csv(path, df, index=index, float_format="%.6g")
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[RunConfig, nn.Module]:

@@ -6,6 +6,7 @@ from domadapt.backbones.base import (
     FAMILIES,
     build_backbone,
     check_backbone,
+    check_image_size,
     is_backbone,
     register_backbone,
     register_family,
@@ -15,6 +16,7 @@ from domadapt.registry import import_submodules
 import_submodules(__name__, __path__)
 
 __all__ = [
-    "BACKBONES", "FAMILIES", "build_backbone", "check_backbone", "is_backbone",
+    "BACKBONES", "FAMILIES", "build_backbone", "check_backbone", "check_image_size",
+    "is_backbone",
     "register_backbone", "register_family",
 ]

@@ -26,15 +26,27 @@ FamilyBuilder = Callable[[str, str], tuple[nn.Module, int]]  # (name after the p
 BACKBONES: Registry[Builder] = Registry("backbone")
 FAMILIES: Registry[FamilyBuilder] = Registry("backbone family")
 CPU_CHANNELS_LAST: set[str] = set()  # backbones whose CPU training step is faster in NHWC
+MIN_IMAGE_SIZE: dict[str, int] = {}  # the smallest input a backbone can take (default 1)
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
-def register_backbone(name: str, builder: Builder, *, cpu_channels_last: bool = False) -> Builder:
+def register_backbone(name: str, builder: Builder, *, cpu_channels_last: bool = False,
+                      min_image_size: int = 1) -> Builder:
     """Register `builder` under `name`; `cpu_channels_last`: its CPU training step was measured
-    faster in the channels_last layout (`benchmarks/bench_presets.py layouts`)."""
+    faster in the channels_last layout (`benchmarks/bench_presets.py layouts`);
+    `min_image_size`: smaller crops shrink to nothing inside it (`check_image_size`)."""
     if cpu_channels_last:
         CPU_CHANNELS_LAST.add(name)
+    if min_image_size > 1:
+        MIN_IMAGE_SIZE[name] = min_image_size
     return BACKBONES.register(name, builder)
+
+
+def check_image_size(name: str, image_size: int) -> None:
+    """UserError (one line) when `image_size` is below what backbone `name` can take."""
+    if image_size < (least := MIN_IMAGE_SIZE.get(name, 1)):
+        raise UserError(f"--image-size {image_size} is too small for the {name} backbone (at "
+                        f"least {least} pixels)")
 
 
 def use_channels_last(backbone: str, device_type: str, requested: bool | None) -> bool:

@@ -56,4 +56,5 @@ def build_digitnet(pretrained: str) -> tuple[nn.Module, int]:
 
 
 # CPU step, batch 32, 1 thread: NCHW / channels_last = 1.44-1.52 (benchmarks/README.md).
-register_backbone("digitnet", build_digitnet, cpu_channels_last=True)
+# Three 2x max-pools: 8 px is the least that leaves one pixel.
+register_backbone("digitnet", build_digitnet, cpu_channels_last=True, min_image_size=8)

@@ -30,12 +30,20 @@ CACHE_ENV = "DOMADAPT_IMAGE_CACHE_MB"
 DEFAULT_CACHE_MB = 1024  # per dataset and process: all of PACS at 128 px is ~470 MiB
 # Steps that are a pure function of the image (exact types: a subclass may add randomness).
 _DETERMINISTIC_STEPS = (T.Resize, T.CenterCrop)
+# 16-bit grayscale as PIL opens it (a PNG's 16-bit gray is "I" or "I;16").
+_WIDE_GRAY = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode an image fully as RGB; a missing, corrupt or truncated file is a UserError."""
+    """Decode an image fully as RGB; a missing, corrupt or truncated file is a UserError.
+    A 16-bit grayscale image keeps its range (0..65535 -> 0..255), where `convert` would clip
+    it to almost pure white."""
     try:
         with Image.open(path) as image:
+            if image.mode in _WIDE_GRAY:
+                image.load()
+                wide = np.asarray(image, dtype=np.float64)
+                image = Image.fromarray(np.clip(np.rint(wide / 257), 0, 255).astype(np.uint8))
             return image.convert("RGB")  # forces the full decode: truncation surfaces here
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None

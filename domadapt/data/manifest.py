@@ -23,14 +23,16 @@ import hashlib
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
 
 from domadapt.data.registry import (
+    IMAGE_EXTENSIONS,
     MANIFEST_DIRNAME,
     DatasetSpec,
+    check_outside_root,
     class_folders,
     is_skipped,
     quote_few,
@@ -38,7 +40,6 @@ from domadapt.data.registry import (
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_text
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 Items = list[tuple[Path, int]]
 Split = Literal["train", "test"]
 
@@ -130,15 +131,25 @@ def read_manifest(path: Path, root: Path, num_classes: int) -> Items:
             continue
         rel, _, label = line.rstrip().rpartition(" ")
         where = f"{path}:{lineno}"
-        if not rel or not label.isdigit():
+        if not rel or not (label.isascii() and label.isdigit()):
             raise UserError(f"bad manifest line {where}: expected '<relative/path> <label>'")
         if int(label) >= num_classes:
             raise UserError(f"label {label} out of range (0..{num_classes - 1}) at {where}")
-        image = root / rel
+        image = contained(root, rel, where)
         if not image.is_file():
             raise UserError(f"manifest {where} names a missing file: {image}")
         items.append((image, int(label)))
     return items
+
+
+def contained(root: Path, rel: str, where: str) -> Path:
+    """`root / rel` for a manifest path that stays inside `root`; UserError naming `where`
+    for an absolute path or one that climbs out with `..` (a manifest never names files
+    outside its dataset, so no reader or writer can be led there)."""
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    if not parts or PurePosixPath(rel).is_absolute() or Path(rel).is_absolute() or ".." in parts:
+        raise UserError(f"manifest {where} names a path outside the dataset root: {rel!r}")
+    return root / rel
 
 
 def find_manifest_dir(root: Path, manifest_dir: str | Path | None) -> Path | None:
@@ -169,6 +180,8 @@ def split_items(items: Items, test_fraction: float = 0.2, seed: int = 0) -> tupl
     """
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"test fraction must lie in (0, 1), got {test_fraction}")
+    if seed < 0:
+        raise UserError(f"split seed must be >= 0, got {seed}")
     ordered = sorted(items, key=lambda item: item[0].as_posix())
     by_class: dict[int, list[int]] = {}
     for i, (_, label) in enumerate(ordered):
@@ -249,6 +262,7 @@ def build_manifests(
     spec: DatasetSpec, root: Path, out: Path, domains: Sequence[str] | None = None
 ) -> dict[str, int]:
     """Scan the folders and write ``<out>/<Domain>.txt`` and ``classes.txt``; counts per domain."""
+    check_outside_root(out, root)
     counts = {}
     names = resolve_domains(spec, root, domains)
     scans = {d: _non_empty(scan_domain(spec, root, d), spec.domain_dir(root, d)) for d in names}
@@ -270,6 +284,7 @@ def write_splits(
     manifest_dir: str | Path | None = None,
 ) -> dict[str, tuple[int, int]]:
     """Write the (train, test) split of each domain under `out` (a manifest folder)."""
+    check_outside_root(out, root)
     counts = {}
     for d in resolve_domains(spec, root, domains):
         items = domain_items(spec, root, d, manifest_dir=manifest_dir)

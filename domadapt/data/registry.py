@@ -21,13 +21,15 @@ from domadapt.errors import UserError
 from domadapt.io import cache_dir
 
 MANIFEST_DIRNAME = "manifests"
-ARCHIVE_LEFTOVERS = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})  # not data: skipped
+# Not data, skipped: archive tools' leftovers and the folder fsck keeps at a filesystem's root.
+ARCHIVE_LEFTOVERS = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", "lost+found"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp"})  # what an image file is
 
 
 def is_skipped(name: str) -> bool:
     """True for an entry that is never a domain, class or image: a hidden one (`.DS_Store`,
     `.ipynb_checkpoints`, macOS's `._*` resource forks) or an archive tool's leftover
-    (`__MACOSX`, `Thumbs.db`, `desktop.ini`)."""
+    (`__MACOSX`, `Thumbs.db`, `desktop.ini`, `lost+found`)."""
     return name.startswith(".") or name in ARCHIVE_LEFTOVERS
 
 
@@ -122,16 +124,26 @@ def class_folders(domain_dir: Path) -> list[str]:
 
 def skipped_entries(spec: DatasetSpec, root: str | Path,
                     domains: list[str] | None = None) -> list[Path]:
-    """The entries `is_skipped` passes over at the dataset root, in the domain folders and in
-    their class folders (of `domains`, default all), sorted: what `data check` lists."""
+    """The entries passed over at the dataset root, in the domain folders and in their class
+    folders (of `domains`, default all), sorted: what `data check` lists. In a class folder
+    that is also every file without an image extension (`.webp`, `.tif`, `.gif`, ...)."""
     root = Path(root)
     found = [p for p in root.iterdir() if is_skipped(p.name)]
     for name in domains or spec.domain_names(root):
         folder = spec.domain_dir(root, name)
         found += [p for p in folder.iterdir() if is_skipped(p.name)]
-        found += [p for c in class_folders(folder)
-                  for p in (folder / c).iterdir() if is_skipped(p.name)]
+        found += [p for c in class_folders(folder) for p in (folder / c).iterdir()
+                  if is_skipped(p.name) or p.suffix.lower() not in IMAGE_EXTENSIONS]
     return sorted(found)
+
+
+def check_outside_root(out: str | Path, root: str | Path, option: str = "--out") -> None:
+    """UserError when `out` lies in the dataset `root` (where it would be read as a domain or
+    a class and break the dataset), except in the root's own manifests/ folder."""
+    out_r, root_r = Path(out).expanduser().resolve(), Path(root).expanduser().resolve()
+    if out_r.is_relative_to(root_r) and not out_r.is_relative_to(root_r / MANIFEST_DIRNAME):
+        raise UserError(f"{option} {out} lies inside the dataset root {root}, where it would "
+                        f"be read as data; choose a folder outside it")
 
 
 def derive_short_names(names: list[str]) -> list[str]:

@@ -17,6 +17,7 @@ Bump `VERSION` whenever the output changes: the on-demand cache folder is named 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from domadapt.errors import UserError
-from domadapt.io import atomic_directory, require_absent
+from domadapt.io import NO_SPACE, atomic_directory, require_absent, write_fully
 from domadapt.progress import progress
 
 VERSION = 1
@@ -161,10 +162,12 @@ def generate(out: Path, *, seed: int = 0, quiet: bool = True) -> None:
             (out / style.name / c).mkdir(parents=True, exist_ok=True)
         for i, (digit, target) in enumerate(zip(digits.images, digits.target)):
             path = out / style.name / CLASSES[target] / f"{i:04d}.png"
-            Image.fromarray(render(digit, s, i, seed), "RGB").save(path, format="PNG")
+            buf = io.BytesIO()
+            Image.fromarray(render(digit, s, i, seed), "RGB").save(buf, format="PNG")
+            write_fully(path, buf.getvalue())
             bar.update()
     bar.close()
-    (out / MARKER).write_text(json.dumps({"version": VERSION, "seed": seed}) + "\n")
+    write_fully(out / MARKER, (json.dumps({"version": VERSION, "seed": seed}) + "\n").encode())
 
 
 def content_digest(root: Path, style: str) -> str:
@@ -198,9 +201,12 @@ def write_styledigits(out: str | Path, *, seed: int = 0, quiet: bool = True) -> 
     try:
         with atomic_directory(out) as tmp:
             generate(tmp, seed=seed, quiet=quiet)
-    except OSError:
+    except OSError as e:
         if is_complete(out, seed):  # a concurrent generation finished first: same bytes
             return False
+        if e.errno in NO_SPACE:
+            raise UserError(f"no space left to write {out} ({e.strerror}); it was not "
+                            f"created: free space and re-run") from None
         raise
     return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,9 +13,9 @@ from PIL import Image
 
 from domadapt.data.dataset import load_image
 from domadapt.data.manifest import Items, domain_items, relative, resolve_domains
-from domadapt.data.registry import DatasetSpec
+from domadapt.data.registry import DatasetSpec, check_outside_root
 from domadapt.errors import UserError
-from domadapt.io import atomic_directory, require_absent
+from domadapt.io import NO_SPACE, atomic_directory, require_absent, write_fully
 from domadapt.progress import progress
 from domadapt.system import usable_cores
 
@@ -29,9 +30,13 @@ def default_workers() -> int:
 def _parallel_map(
     fn: Callable[[T], R], xs: Sequence[T], workers: int, quiet: bool, desc: str
 ) -> Iterable[R]:
-    """`map` over threads (PIL decodes and encodes without the GIL), in order, with a bar."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    """`map` over threads (PIL decodes and encodes without the GIL), in order, with a bar.
+    Stopped early (Ctrl-C, an error), it drops the images not yet started."""
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
         yield from progress(pool.map(fn, xs), total=len(xs), quiet=quiet, desc=desc, unit="img")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -105,6 +110,7 @@ def build_resized_cache(
         raise UserError(f"--size must be positive, got {size}")
     out = Path(out).expanduser().absolute()
     require_absent(out)
+    check_outside_root(out, root)
     names = resolve_domains(spec, root, domains)
     listed: dict[str, Items] = {
         d: domain_items(spec, root, d, manifest_dir=manifest_dir) for d in names
@@ -129,7 +135,15 @@ def build_resized_cache(
             if scale < 1:
                 new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
                 image = image.resize(new, Image.BICUBIC, reducing_gap=3.0)
-            image.save(tmp / rel, format="JPEG", quality=95)
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=95)
+            try:
+                write_fully(tmp / rel, buf.getvalue())
+            except OSError as e:
+                if e.errno not in NO_SPACE:
+                    raise
+                raise UserError(f"no space left to write {out / rel} ({e.strerror}); {out} was "
+                                f"not created: free space and re-run") from None
 
         for _ in _parallel_map(
             convert, list(targets.items()), workers or default_workers(), quiet, "cache"

@@ -75,12 +75,26 @@ def _inputs(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _no_single_sample(inputs: Iterable[Tensor]) -> Iterable[Tensor]:
+    """The input batches, each of one sample joined to the one before it."""
+    held: Tensor | None = None
+    for x in inputs:
+        if held is not None and len(x) == 1:
+            held = torch.cat([held, x])
+            continue
+        if held is not None:
+            yield held
+        held = x
+    if held is not None:
+        yield held
+
+
 @torch.no_grad()
 def adapt_batch_stats(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
     """A copy of `model` with BN / BIN running statistics re-estimated on `batches` (target
     images; tensors or (images, ...) tuples, already on the model's device). See the module
-    docstring. No batches -> ValueError. Batches of one sample fail in 1-d BatchNorm layers
-    in train mode, as in torch."""
+    docstring. No batches -> ValueError. A batch of one sample (the remainder of a loader) is
+    joined to the batch before it: a 1-d BatchNorm cannot normalise one sample in train mode."""
     adapted = copy.deepcopy(model)
     flags = {name: m.training for name, m in adapted.named_modules()}
     layers = {name: m for name, m in adapted.named_modules() if _adaptable(m)}
@@ -94,8 +108,8 @@ def adapt_batch_stats(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
         layer.train()
     n_batches = 0
     try:
-        for batch in batches:
-            adapted(_inputs(batch))
+        for inputs in _no_single_sample(_inputs(b) for b in batches):
+            adapted(inputs)
             n_batches += 1
     finally:
         for h in handles:
