@@ -71,6 +71,9 @@ def _invoke(argv: list[str] | None) -> object:
     KeyboardInterrupt into a silent Exit(130), it lets the interrupt reach `main`."""
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else list(argv)
+    # What click's main() does first: answer a shell's completion request (_DOMADAPT_COMPLETE
+    # set by the completion script) and exit; a no-op otherwise.
+    command._main_shell_completion({}, "domadapt", "_DOMADAPT_COMPLETE")
     try:
         with command.make_context("domadapt", args) as ctx:
             return command.invoke(ctx)
