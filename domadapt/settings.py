@@ -6,6 +6,8 @@
 - multidomain: one source-only model on the train split of every domain pooled; report each
   domain's test-split accuracy (`domain_acc`) and their mean (`avg_acc`, also `target_acc`);
   there is no source domain (`source_acc` is null; `train_acc` shows the fit).
+With --eval-max-images N every evaluation set is a fixed stratified subset of at most N images
+(`domadapt.data.subset`): a fast check, whose numbers then describe that subset only.
 Target labels are only ever used to report, never to pick anything.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 from domadapt.config import RunConfig, with_weights_hash
 from domadapt.data import DomainDataset, build_transform, domain_items, get_dataset, resolve_root
 from domadapt.data.manifest import fingerprint, split_items
+from domadapt.data.subset import stratified_subset
 from domadapt.errors import UserError
 from domadapt.methods import get_method
 
@@ -69,12 +72,12 @@ def build_data(cfg: RunConfig) -> RunData:
         domains = spec.domain_names(root)
         train_items = [it for d in domains for it in domain_items(spec, root, d, "train", **split)]
         tests = {d: domain_items(spec, root, d, "test", **split) for d in domains}
-        evals = {d: DomainDataset(items, eval_tf) for d, items in tests.items()}
         counts = {"train": len(train_items)} | {f"test/{d}": len(v) for d, v in tests.items()}
+        evals = {d: DomainDataset(_capped(cfg, items), eval_tf) for d, items in tests.items()}
         prints = {d: fingerprint(domain_items(spec, root, d), root) for d in domains}
         return RunData(classes, {"source": DomainDataset(train_items, train_tf)}, evals, domains,
                        domains, {"classes": classes, "domains": domains, "num_images": counts,
-                                 "fingerprint": prints})
+                                 "fingerprint": prints} | _eval_counts(cfg, evals))
     src = domain_items(spec, root, str(cfg.source))
     tgt = domain_items(spec, root, str(cfg.target))
     prints = {str(cfg.source): fingerprint(src, root), str(cfg.target): fingerprint(tgt, root)}
@@ -84,13 +87,29 @@ def build_data(cfg: RunConfig) -> RunData:
     train = {"source": DomainDataset(src, train_tf)}
     if get_method(cfg.method).uses_target:
         train["target"] = DomainDataset(tgt, train_tf)
-    evals = {"source": DomainDataset(src, eval_tf), "target": DomainDataset(tgt, eval_tf)}
+    evals = {"source": DomainDataset(_capped(cfg, src), eval_tf),
+             "target": DomainDataset(_capped(cfg, tgt), eval_tf)}
     counts = {"source": len(src), "target": len(tgt)}
     if held:
-        evals["source_val"] = DomainDataset(held, eval_tf)
+        evals["source_val"] = DomainDataset(_capped(cfg, held), eval_tf)
         counts["source_val"] = len(held)
     return RunData(classes, train, evals, [str(cfg.source), str(cfg.target)], ["target"],
-                   {"classes": classes, "num_images": counts, "fingerprint": prints})
+                   {"classes": classes, "num_images": counts, "fingerprint": prints}
+                   | _eval_counts(cfg, evals))
+
+
+def _capped(cfg: RunConfig, items: list) -> list:
+    """The items one evaluation set scores: all, or the --eval-max-images stratified subset."""
+    if cfg.eval_max_images is None:
+        return items
+    return stratified_subset(items, cfg.eval_max_images, cfg.split_seed)
+
+
+def _eval_counts(cfg: RunConfig, evals: dict[str, DomainDataset]) -> dict[str, Any]:
+    """With --eval-max-images: how many images each evaluation set scores (for config.json)."""
+    if cfg.eval_max_images is None:
+        return {}
+    return {"eval_images": {name: len(ds) for name, ds in evals.items()}}
 
 
 def result_accuracy(cfg: RunConfig, acc: dict[str, float], data: RunData) -> float:
