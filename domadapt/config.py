@@ -223,10 +223,13 @@ def core_fields() -> list[dataclasses.Field]:
 
 
 def plugin_options() -> dict[str, tuple[HparamSpec, list[str]]]:
-    """Every option declared by a registered method or norm: name -> (spec, declared by)."""
+    """Every option declared by a registered method or norm: name -> (spec, declared by).
+    A plug-in option named like a RunConfig field, or declared by two plug-ins with another
+    type or default, is a one-line UserError naming both."""
     owners = [(f"method {n}", cls.Hparams) for n, cls in METHODS.items()]
     owners += [(f"norm {n}", kind.Hparams) for n, kind in NORMS.items()]
-    return merged_specs(owners)
+    core = {f.name: "the core setting" for f in fields(RunConfig)}
+    return merged_specs(owners, reserved=core)
 
 
 def route_options(values: dict[str, Any], *, ignore_unknown: bool = False) -> RunConfig:
