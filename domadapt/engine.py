@@ -55,7 +55,7 @@ from domadapt.data import InfiniteLoader, eval_loader
 from domadapt.distributed import DistContext
 from domadapt.errors import UserError
 from domadapt.evaluation import accuracy, outputs, per_class_accuracy, to_device, validators
-from domadapt.methods import Step, build_method
+from domadapt.methods import Step, build_method, get_method
 from domadapt.models import DomainAdaptModel, build_model
 from domadapt.nn import build_sgd, set_lr
 from domadapt.nn.adabn import adapt_batch_stats, has_batch_stats
@@ -240,6 +240,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device) if cfg.amp else None
         self.norm = get_norm(cfg.norm)
 
+        if ctx.distributed and get_method(cfg.method).owns_update:
+            raise UserError(f"--method {cfg.method} runs its own optimisation steps, which have "
+                            f"no distributed (torchrun) version; train it in one process")
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         self.model: DomainAdaptModel = build_model(cfg, len(data.classes))
         self.method = build_method(cfg.method, self.model, cfg.method_options,
@@ -256,9 +259,6 @@ class Trainer:
                 self.method, device_ids=[self.device.index] if cuda else None)
         self.special = self.norm.special_params(self.model, cfg.norm_hparams)
         if self.method.owns_update:
-            if ctx.distributed:
-                raise UserError(f"--method {cfg.method} runs its own optimisation steps, which "
-                                f"have no distributed (torchrun) version; train it in one process")
             self.optimizers = self.method.build_optimizers(self.sgd)
         else:
             self.optimizers = {"sgd": self.sgd(backbone=[self.model.backbone],
