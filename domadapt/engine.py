@@ -21,7 +21,8 @@ Optimization: SGD (Nesterov) with per-group multipliers (`domadapt.nn.build_sgd`
 target when the method uses the target) images. A method is one loss and one step of one SGD
 over the whole network, unless it owns its update (`Method.owns_update`, e.g. MCD, ADDA): then
 it builds its own optimizers with the same rules (`Trainer.sgd`) and steps them itself each
-iteration through `Trainer.optimizer_step` (one loss, one optimizer: zero, backward, step, clamp).
+iteration through `Trainer.optimizer_step` (one loss, one or more optimizers: zero, backward,
+step, clamp).
 
 log.csv has one row per evaluation: iter, the means of the method's statistics since the
 previous row (e.g. cls_loss, train_acc, domain_loss, disc_acc, grl_coeff), source_acc,
@@ -335,7 +336,7 @@ class Trainer:
                             f"resume with the same number (now {self.ctx.world_size})")
         self.method.load_state_dict(ckpt["method"])
         states = ckpt["optimizers"] if "optimizers" in ckpt else {"sgd": ckpt["optimizer"]}
-        if set(states) != set(self.optimizers):  # the key covers the method: a corrupt file
+        if set(states) != set(self.optimizers):  # same key, same method: a foreign file
             raise UserError(f"{path}: holds optimizers {sorted(states)}, the method has "
                             f"{sorted(self.optimizers)}")
         for name, optimizer in self.optimizers.items():
