@@ -4,6 +4,8 @@ loss in a method's own step stops the run in one line; no torchrun for such meth
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_cdan import _KillAt, _Killed, _numbers, log_rows, tiny_config, write_tiny_tree
@@ -78,3 +80,18 @@ def test_own_update_methods_refuse_torchrun(tiny_tree, tmp_path):
     ctx = DistContext(torch.device("cpu"), rank=0, world_size=2)
     with pytest.raises(UserError, match="--method adda runs its own optimisation steps"):
         _trainer(tiny_tree, tmp_path, "adda", ctx=ctx)
+
+
+@pytest.mark.parametrize("method,option", [("mcd", ["--mcd-steps", "2"]),
+                                           ("adda", ["--adda-pretrain-share", "0.25"])])
+def test_own_update_methods_train_from_the_cli(tiny_tree, tmp_path, run_cli, method, option):
+    out = tmp_path / method
+    code, stdout, err = run_cli(
+        "train", "--preset", "styledigits", "--dataset", "folder", "--root", tiny_tree,
+        "--source", "alpha", "--target", "beta", "--method", method, "--norm", "bin",
+        "--iters", "4", "--eval-every", "4", "--checkpoint-every", "4", "--batch-size", "6",
+        *option, "--quiet", "--device", "cpu", "--out", out)
+    assert code == 0, err
+    assert "target accuracy (last iteration)" in stdout
+    options = json.loads((out / "config.json").read_text())["config"]["method_options"]
+    assert options[option[0][2:].replace("-", "_")] == float(option[1])
