@@ -442,8 +442,9 @@ class Trainer:
         base = cfg.lr * lr_factor(st.iteration, cfg.iters, form=cfg.lr_schedule,
                                   gamma=cfg.lr_gamma, decay=cfg.lr_decay)
         self.lrs = {}
-        for optimizer in self.optimizers.values():
-            self.lrs |= set_lr(optimizer, base)
+        for optimizer in self.optimizers.values():  # logged: a group name's first optimizer's
+            for name, lr in set_lr(optimizer, base).items():
+                self.lrs.setdefault(name, lr)
         x_s, y_s = self._batch("source")
         x_t = self._batch("target")[0] if "target" in self.loaders else None
         if self.method.owns_update:

@@ -144,6 +144,22 @@ def test_resume_across_the_phase_switch_and_test_with_the_target_encoder(tiny_tr
     assert "cls_loss" not in metrics and metrics["adv_loss"] > 0  # last window: adaptation
 
 
+def test_adaptation_lr_multiplier_scales_only_the_adaptation_optimizers():
+    model = _tiny().model
+    method = build_method("adda", model, {"disc_hidden": 8, "adda_lr_mult": 0.1},
+                          num_classes=3)
+
+    def sgd(*, backbone=(), heads=()):
+        groups = [{"params": [p for m in backbone for p in m.parameters()], "lr_mult": 0.5},
+                  {"params": [p for m in heads for p in m.parameters()], "lr_mult": 1.0}]
+        return torch.optim.SGD([g for g in groups if g["params"]], lr=1.0)
+
+    mults = {k: [g["lr_mult"] for g in o.param_groups]
+             for k, o in method.build_optimizers(sgd).items()}
+    assert mults == {"source": [0.5, 1.0], "discriminator": [pytest.approx(0.1)],
+                     "target_encoder": [pytest.approx(0.05), pytest.approx(0.1)]}
+
+
 @pytest.mark.parametrize("share", [0.0, 1.0, -0.5])
 def test_bad_share_is_a_one_line_error(share):
     with pytest.raises(UserError, match="--adda-pretrain-share must lie in"):
@@ -153,4 +169,4 @@ def test_bad_share_is_a_one_line_error(share):
 def test_methods_listing_names_adda(run_cli):
     code, out, err = run_cli("methods")
     assert code == 0, err
-    assert _sections(out)["adda"] == {"--adda-pretrain-share", "--disc-hidden"}
+    assert _sections(out)["adda"] == {"--adda-pretrain-share", "--adda-lr-mult", "--disc-hidden"}

@@ -20,7 +20,8 @@ schedule (over the global iteration count): "source" (M_s and C, pre-training), 
 and "target_encoder" (M_t, the same parameters as M_s but fresh momentum); one D step then one
 M_t step per adaptation iteration; D sees source and target features concatenated (as DANN's).
 
-Departures from the paper: SGD with the run's schedule instead of Adam (lr 2e-4, beta1 0.5);
+Departures from the paper: SGD with the run's schedule instead of Adam (lr 2e-4, beta1 0.5;
+`--adda-lr-mult` scales the adaptation phase's learning rates, 1 by default);
 D has BatchNorm and `--disc-hidden` units (the paper: 500-500-1 without BN); pre-training is a
 share of the run's iterations rather than a separate run to convergence, so one run directory,
 one run key and exact resume cover both phases.
@@ -54,12 +55,16 @@ from domadapt.registry import hparam
 class ADDAHparams:
     adda_pretrain_share: float = hparam(
         0.5, "ADDA: share of the iterations that pre-train the source encoder and classifier")
+    adda_lr_mult: float = hparam(
+        1.0, "ADDA: the adaptation phase's learning rates (D and M_t) = this x the run's")
     disc_hidden: int = disc_hidden_hparam()
 
     def __post_init__(self) -> None:
         if not 0.0 < self.adda_pretrain_share < 1.0:
             raise UserError(f"--adda-pretrain-share must lie in (0, 1), got "
                             f"{self.adda_pretrain_share}")
+        if not self.adda_lr_mult > 0:
+            raise UserError(f"--adda-lr-mult must be positive, got {self.adda_lr_mult}")
         check_disc_hidden(self.disc_hidden)
 
 
@@ -103,9 +108,14 @@ class ADDA(Method):
 
     def build_optimizers(self, sgd: SGDFactory) -> dict[str, torch.optim.Optimizer]:
         m = self.model
+        adaptation = {"discriminator": sgd(heads=[self.discriminator]),
+                      "target_encoder": sgd(backbone=[m.backbone], heads=[m.bottleneck])}
+        for optimizer in adaptation.values():
+            for group in optimizer.param_groups:  # the trainer sets lr = schedule x lr_mult
+                group["lr_mult"] = group.get("lr_mult", 1.0) * self.hp.adda_lr_mult
+                group["lr"] *= self.hp.adda_lr_mult
         return {"source": sgd(backbone=[m.backbone], heads=[m.bottleneck, m.classifier]),
-                "discriminator": sgd(heads=[self.discriminator]),
-                "target_encoder": sgd(backbone=[m.backbone], heads=[m.bottleneck])}
+                **adaptation}
 
     def pretrain_step(self, x_s: Tensor, y_s: Tensor, opt: StepFn) -> dict[str, Tensor]:
         """M_s and C descend CE on the source."""
