@@ -72,12 +72,12 @@ def build_data(cfg: RunConfig) -> RunData:
         domains = spec.domain_names(root)
         train_items = [it for d in domains for it in domain_items(spec, root, d, "train", **split)]
         tests = {d: domain_items(spec, root, d, "test", **split) for d in domains}
+        evals = {d: DomainDataset(items, eval_tf) for d, items in tests.items()}
         counts = {"train": len(train_items)} | {f"test/{d}": len(v) for d, v in tests.items()}
-        evals = {d: DomainDataset(_capped(cfg, items), eval_tf) for d, items in tests.items()}
         prints = {d: fingerprint(domain_items(spec, root, d), root) for d in domains}
-        return RunData(classes, {"source": DomainDataset(train_items, train_tf)}, evals, domains,
-                       domains, {"classes": classes, "domains": domains, "num_images": counts,
-                                 "fingerprint": prints} | _eval_counts(cfg, evals))
+        return capped(cfg, RunData(
+            classes, {"source": DomainDataset(train_items, train_tf)}, evals, domains, domains,
+            {"classes": classes, "domains": domains, "num_images": counts, "fingerprint": prints}))
     src = domain_items(spec, root, str(cfg.source))
     tgt = domain_items(spec, root, str(cfg.target))
     prints = {str(cfg.source): fingerprint(src, root), str(cfg.target): fingerprint(tgt, root)}
@@ -87,29 +87,26 @@ def build_data(cfg: RunConfig) -> RunData:
     train = {"source": DomainDataset(src, train_tf)}
     if get_method(cfg.method).uses_target:
         train["target"] = DomainDataset(tgt, train_tf)
-    evals = {"source": DomainDataset(_capped(cfg, src), eval_tf),
-             "target": DomainDataset(_capped(cfg, tgt), eval_tf)}
+    evals = {"source": DomainDataset(src, eval_tf), "target": DomainDataset(tgt, eval_tf)}
     counts = {"source": len(src), "target": len(tgt)}
     if held:
-        evals["source_val"] = DomainDataset(_capped(cfg, held), eval_tf)
+        evals["source_val"] = DomainDataset(held, eval_tf)
         counts["source_val"] = len(held)
-    return RunData(classes, train, evals, [str(cfg.source), str(cfg.target)], ["target"],
-                   {"classes": classes, "num_images": counts, "fingerprint": prints}
-                   | _eval_counts(cfg, evals))
+    return capped(cfg, RunData(classes, train, evals, [str(cfg.source), str(cfg.target)],
+                               ["target"], {"classes": classes, "num_images": counts,
+                                            "fingerprint": prints}))
 
 
-def _capped(cfg: RunConfig, items: list) -> list:
-    """The items one evaluation set scores: all, or the --eval-max-images stratified subset."""
-    if cfg.eval_max_images is None:
-        return items
-    return stratified_subset(items, cfg.eval_max_images, cfg.split_seed)
-
-
-def _eval_counts(cfg: RunConfig, evals: dict[str, DomainDataset]) -> dict[str, Any]:
-    """With --eval-max-images: how many images each evaluation set scores (for config.json)."""
-    if cfg.eval_max_images is None:
-        return {}
-    return {"eval_images": {name: len(ds) for name, ds in evals.items()}}
+def capped(cfg: RunConfig, data: RunData) -> RunData:
+    """`data` with every evaluation set cut to its --eval-max-images stratified subset (drawn
+    with --split-seed) and `info["eval_images"]` = how many each scores; unchanged without."""
+    n = cfg.eval_max_images
+    if n is None:
+        return data
+    data.evals = {name: DomainDataset(stratified_subset(ds.items, n, cfg.split_seed),
+                                      ds.transform) for name, ds in data.evals.items()}
+    data.info["eval_images"] = {name: len(ds) for name, ds in data.evals.items()}
+    return data
 
 
 def result_accuracy(cfg: RunConfig, acc: dict[str, float], data: RunData) -> float:
