@@ -168,7 +168,7 @@ def test_every_optimizer_follows_the_run_rules(tiny_tree, tmp_path):
             p.fill_(5.0)  # outside [0, 1]: only the clamp after the step brings it back
     trainer.run_step()
     trainer.run_step()  # iteration 1: lr0 x the schedule's factor < lr0
-    assert all(float(p.min()) >= 0 and float(p.max()) <= 1 for p in gate["params"])
+    assert all(float(p.detach().min()) >= 0 and float(p.detach().max()) <= 1 for p in gate["params"])
     for opt in trainer.optimizers.values():
         for g in opt.param_groups:
             assert g["lr"] == pytest.approx(trainer.lrs["heads"] * g["lr_mult"])
