@@ -44,13 +44,19 @@ def _unwrap_help(typer_app: typer.Typer) -> None:
         _unwrap_help(group.typer_instance)
 
 
-_register()
+try:
+    _register()
+    _SETUP_ERROR: UserError | None = None
+except UserError as e:  # e.g. a plug-in option that clashes with a core setting
+    _SETUP_ERROR = e
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI. A bad option, a UserError or an OS error (missing path, full disk) ends in
     one line on stderr and a non-zero exit, never a traceback."""
     stop_on_sigterm()
+    if _SETUP_ERROR is not None:  # the commands could not be built: say why in one line
+        _fail(str(_SETUP_ERROR), 2)
     try:
         code = _invoke(argv)
     except typer.TyperException as e:  # bad option, missing argument, unknown command

@@ -38,6 +38,9 @@ PLUGIN_FIELDS = ("method_options", "norm_options")
 
 # Fields that do not change what a run computes: left out of the run key.
 NON_KEY_FIELDS = frozenset({"root", "num_workers", "eval_every", "checkpoint_every"})
+# Fields added after runs were recorded: in the run key only when set (not None), so a run
+# that leaves them at None keeps the key it had before they existed.
+KEY_WHEN_SET = frozenset({"eval_max_images"})
 
 RUN, DATA, OPT, EVAL, SYS = "Run", "Data", "Optimization", "Evaluation", "System"
 
@@ -95,6 +98,10 @@ class RunConfig:
     source_val_fraction: float = config_field(
         0.0, "hold out this share of the source (stratified, --split-seed) for the val_source "
         "and val_dev validators; 0: train on all of it, as the references do", EVAL)
+    eval_max_images: int | None = config_field(
+        None, "evaluate on at most this many images of each evaluation set (a fixed, stratified "
+        "subset drawn with --split-seed, the same at every evaluation): fast checks; default: "
+        "every image. Part of the run key when set", EVAL)
     adabn: bool = config_field(False, "also log target_acc_adabn: the target accuracy with BN / "
                                "BIN batch statistics re-estimated on the target (AdaBN)", EVAL)
     eval_every: int = config_field(500, "evaluate every N iterations", EVAL)
@@ -134,6 +141,8 @@ class RunConfig:
                             f"{self.source_val_fraction}")
         if not 0.0 < self.test_fraction < 1.0:
             raise UserError(f"test fraction must lie in (0, 1), got {self.test_fraction}")
+        if self.eval_max_images is not None and self.eval_max_images <= 0:
+            raise UserError(f"--eval-max-images must be positive, got {self.eval_max_images}")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
         check_schedule_options(lr_schedule=self.lr_schedule, lr_gamma=self.lr_gamma,
@@ -186,7 +195,8 @@ class RunConfig:
 
         Pretrained weights from a file count by their content (`pretrained_sha256`), not by
         the path that named them: the same file named by another path is the same run."""
-        d = {k: v for k, v in self.to_dict().items() if k not in NON_KEY_FIELDS}
+        d = {k: v for k, v in self.to_dict().items() if k not in NON_KEY_FIELDS
+             and not (k in KEY_WHEN_SET and v is None)}
         digest = d.pop("pretrained_sha256")
         if digest:
             d["pretrained"] = f"sha256:{digest}"
@@ -227,10 +237,13 @@ def core_fields() -> list[dataclasses.Field]:
 
 
 def plugin_options() -> dict[str, tuple[HparamSpec, list[str]]]:
-    """Every option declared by a registered method or norm: name -> (spec, declared by)."""
+    """Every option declared by a registered method or norm: name -> (spec, declared by).
+    A plug-in option named like a RunConfig field, or declared by two plug-ins with another
+    type or default, is a one-line UserError naming both."""
     owners = [(f"method {n}", cls.Hparams) for n, cls in METHODS.items()]
     owners += [(f"norm {n}", kind.Hparams) for n, kind in NORMS.items()]
-    return merged_specs(owners)
+    core = {f.name: "the core setting" for f in fields(RunConfig)}
+    return merged_specs(owners, reserved=core)
 
 
 def route_options(values: dict[str, Any], *, ignore_unknown: bool = False) -> RunConfig:

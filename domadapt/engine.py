@@ -4,7 +4,7 @@ The loop knows only that training runs one step at a time:
 
     for hook in hooks: hook.before_train(trainer)
     while trainer.state.iteration < cfg.iters:
-        trainer.run_step()                    # one SGD iteration of the method
+        trainer.run_step()                    # one iteration of the method (one or more steps)
         for hook in hooks: hook.after_step(trainer)
     for hook in hooks: hook.after_train(trainer)     # also on an exception
 
@@ -12,13 +12,17 @@ Hooks, in this order (`default_hooks`): ProgressBar, Evaluate (every `eval_every
 iterations and at the end: evaluation, log row, log.csv), Clock (wall time), Checkpoint
 (every `checkpoint_every` and at the end), StopOnSignal (after the first SIGINT/SIGTERM:
 checkpoint, then KeyboardInterrupt). The trainer's state composes from its parts: the method's
-`state_dict()` (model and every extra module), the optimizer, the grad scaler, every rank's
+`state_dict()` (model and every extra module), every optimizer, the grad scaler, every rank's
 loader positions and RNG states, and `TrainState`.
 
 Optimization: SGD (Nesterov) with per-group multipliers (`domadapt.nn.build_sgd`: backbone
 `backbone_lr_mult` x, the norm's special parameters by their own rule), lr = lr0 x
 (1 + gamma x)^-decay with x = iteration / iters or x = iteration (`lr_schedule`); batch = `batch_size` source (+ `batch_size`
-target when the method uses the target) images.
+target when the method uses the target) images. A method is one loss and one step of one SGD
+over the whole network, unless it owns its update (`Method.owns_update`, e.g. MCD, ADDA): then
+it builds its own optimizers with the same rules (`Trainer.sgd`) and steps them itself each
+iteration through `Trainer.optimizer_step` (one loss, one or more optimizers: zero, backward,
+step, clamp).
 
 log.csv has one row per evaluation: iter, the means of the method's statistics since the
 previous row (e.g. cls_loss, train_acc, domain_loss, disc_acc, grl_coeff), source_acc,
@@ -37,7 +41,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -52,7 +56,7 @@ from domadapt.data import InfiniteLoader, eval_loader
 from domadapt.distributed import DistContext
 from domadapt.errors import UserError
 from domadapt.evaluation import accuracy, outputs, per_class_accuracy, to_device, validators
-from domadapt.methods import Step, build_method
+from domadapt.methods import Step, build_method, get_method
 from domadapt.models import DomainAdaptModel, build_model
 from domadapt.nn import build_sgd, set_lr
 from domadapt.nn.adabn import adapt_batch_stats, has_batch_stats
@@ -75,16 +79,28 @@ class Window:
     iters: int = 0
     images: int = 0
     seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)  # iterations that reported each stat
 
     def add(self, stats: dict[str, float], images: int, seconds: float) -> None:
         for k, v in stats.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.iters += 1
         self.images += images
         self.seconds += seconds
 
     def means(self) -> dict[str, float]:
-        return {k: v / self.iters for k, v in self.sums.items()} if self.iters else {}
+        """Each statistic's mean over the iterations that reported it (a method in phases,
+        e.g. ADDA, reports other statistics in each phase)."""
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Window:
+        """From `vars(window)`; a window saved before `counts` existed had every statistic at
+        every iteration."""
+        d = dict(d)
+        d.setdefault("counts", {k: d["iters"] for k in d["sums"]})
+        return cls(**d)
 
 
 @dataclass
@@ -111,7 +127,7 @@ class TrainState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
         d = dict(d)
-        d["window"] = Window(**d["window"])
+        d["window"] = Window.from_dict(d["window"])
         return cls(**d)
 
 
@@ -226,6 +242,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(self.device) if cfg.amp else None
         self.norm = get_norm(cfg.norm)
 
+        if ctx.distributed and get_method(cfg.method).owns_update:
+            raise UserError(f"--method {cfg.method} runs its own optimisation steps, which have "
+                            f"no distributed (torchrun) version; train it in one process")
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         self.model: DomainAdaptModel = build_model(cfg, len(data.classes))
         self.method = build_method(cfg.method, self.model, cfg.method_options,
@@ -241,10 +260,11 @@ class Trainer:
             self.train_module = nn.parallel.DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if cuda else None)
         self.special = self.norm.special_params(self.model, cfg.norm_hparams)
-        self.optimizer = build_sgd(
-            self.model.backbone, self.method.heads(), lr=cfg.lr, momentum=cfg.momentum,
-            nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-            backbone_lr_mult=cfg.backbone_lr_mult, special=self.special)
+        if self.method.owns_update:
+            self.optimizers = self.method.build_optimizers(self.sgd)
+        else:
+            self.optimizers = {"sgd": self.sgd(backbone=[self.model.backbone],
+                                               heads=self.method.heads())}
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         per_rank = cfg.batch_size // ctx.world_size
@@ -259,6 +279,16 @@ class Trainer:
         self.last_stats: dict[str, float] = {}
         self.last_images, self.last_dt = 0, 0.0
         torch.manual_seed(derive_seed(cfg.seed, "train"))
+
+    def sgd(self, *, backbone: Sequence[nn.Module] = (),
+            heads: Sequence[nn.Module] = ()) -> torch.optim.SGD:
+        """An SGD over `backbone` (at backbone_lr_mult x lr0) and `heads` (at lr0) with the
+        run's momentum, weight decay and the norm's special parameters (own groups, no weight
+        decay, clamped after every step); `run_step` sets its lr every iteration."""
+        cfg = self.cfg
+        return build_sgd(list(backbone), heads, lr=cfg.lr, momentum=cfg.momentum,
+                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                         backbone_lr_mult=cfg.backbone_lr_mult, special=self.special)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _rank_state(self) -> dict[str, Any]:
@@ -287,7 +317,7 @@ class Trainer:
                 "key": self.cfg.key(),
                 "world_size": self.ctx.world_size,
                 "method": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "scaler": self.scaler.state_dict(),
                 "ranks": rank_states,
                 "state": self.state.to_dict(),
@@ -306,7 +336,12 @@ class Trainer:
             raise UserError(f"{path}: written by {ckpt['world_size']} processes, "
                             f"resume with the same number (now {self.ctx.world_size})")
         self.method.load_state_dict(ckpt["method"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        states = ckpt["optimizers"] if "optimizers" in ckpt else {"sgd": ckpt["optimizer"]}
+        if set(states) != set(self.optimizers):  # same key, same method: a foreign file
+            raise UserError(f"{path}: holds optimizers {sorted(states)}, the method has "
+                            f"{sorted(self.optimizers)}")
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(states[name])
         if ckpt["scaler"]:  # empty when saved without loss scaling (CPU, bf16)
             self.scaler.load_state_dict(ckpt["scaler"])
         mine = ckpt["ranks"][self.ctx.rank]
@@ -400,24 +435,26 @@ class Trainer:
         return to_device(x, self.device, self.channels_last), y.to(self.device, non_blocking=True)
 
     def run_step(self) -> None:
-        """One SGD iteration; updates the state's counters and statistics window."""
+        """One iteration (one SGD step, or the method's own steps); updates the state's
+        counters and statistics window."""
         cfg, st = self.cfg, self.state
         t0 = time.perf_counter()
         step = Step(st.iteration, cfg.iters)
         base = cfg.lr * lr_factor(st.iteration, cfg.iters, form=cfg.lr_schedule,
                                   gamma=cfg.lr_gamma, decay=cfg.lr_decay)
-        self.lrs = set_lr(self.optimizer, base)
+        self.lrs = {}
+        for optimizer in self.optimizers.values():  # logged: a group name's first optimizer's
+            for name, lr in set_lr(optimizer, base).items():
+                self.lrs.setdefault(name, lr)
         x_s, y_s = self._batch("source")
         x_t = self._batch("target")[0] if "target" in self.loaders else None
-        with self.autocast():
-            loss, stats = self.train_module(x_s, y_s, x_t, step)
-        finite = torch.isfinite(loss.detach()).float().reshape(1)
-        if int(self.ctx.all_reduce_sum(finite)) != self.ctx.world_size:
-            self._diverged(st.iteration + 1, stats, "the loss")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.method.owns_update:
+            with self.autocast():
+                stats = self.method.update(x_s, y_s, x_t, step, self.optimizer_step)
+        else:
+            with self.autocast():
+                loss, stats = self.train_module(x_s, y_s, x_t, step)
+            self.optimizer_step("sgd", loss, stats)
         images = (x_s.shape[0] + (x_t.shape[0] if x_t is not None else 0)) * self.ctx.world_size
         self.last_stats = {k: float(v) for k, v in stats.items()}
         self.last_dt, self.last_images = time.perf_counter() - t0, images
@@ -425,6 +462,25 @@ class Trainer:
         st.window.add(self.last_stats, images, self.last_dt)
         st.train_seconds += self.last_dt
         st.train_images += images
+
+    def optimizer_step(self, names: str | Sequence[str], loss: Tensor,
+                       stats: dict[str, Tensor] | None = None) -> None:
+        """One step of the optimizer(s) `names` on `loss`: refuse a non-finite loss (on any
+        rank), zero their gradients, back-propagate once (loss-scaled under float16), step
+        each; the clamp of special parameters runs after each step (`attach_clamp`)."""
+        chosen = [self.optimizers[n] for n in ([names] if isinstance(names, str) else names)]
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if int(self.ctx.all_reduce_sum(finite)) != self.ctx.world_size:
+            label = names if isinstance(names, str) else "+".join(names)
+            self._diverged(self.state.iteration + 1,
+                           stats if stats is not None else {f"{label}_loss": loss.detach()},
+                           "the loss")
+        for optimizer in chosen:
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for optimizer in chosen:
+            self.scaler.step(optimizer)
+        self.scaler.update()
 
     def _diverged(self, iteration: int, stats: dict[str, Tensor], what: str) -> None:
         shown = ", ".join(f"{k}={float(v):.4g}" for k, v in stats.items() if k.endswith("loss"))

@@ -54,5 +54,5 @@ def build_model(cfg: RunConfig, num_classes: int, *,
     if cfg.norm != "bn" and not count_norm_layers(backbone):
         raise UserError(f"--norm {cfg.norm}: backbone {cfg.backbone} has no normalization "
                         f"layers to convert")
-    convert_norm(backbone, cfg.norm)
+    convert_norm(backbone, cfg.norm, cfg.norm_options)
     return DomainAdaptModel(backbone, feature_dim, cfg.bottleneck_dim, num_classes)

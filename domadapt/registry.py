@@ -15,7 +15,7 @@ import dataclasses
 import importlib
 import math
 import pkgutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Generic, TypeVar, get_type_hints
 
@@ -133,21 +133,29 @@ def hparams_dict(hp: Any) -> dict[str, Any]:
     return dataclasses.asdict(hp)
 
 
-Owner = Callable[[], list[tuple[str, type]]]  # -> [(plug-in label, Hparams class)]
-
-
-def merged_specs(owners: list[tuple[str, type]]) -> dict[str, tuple[HparamSpec, list[str]]]:
+def merged_specs(owners: list[tuple[str, type]], *, reserved: dict[str, str] | None = None
+                 ) -> dict[str, tuple[HparamSpec, list[str]]]:
     """option name -> (spec, labels of the plug-ins that declare it). The same name declared
-    twice must agree on type and default."""
+    twice must agree on type and default; a name in `reserved` (name -> what owns it, e.g. the
+    core settings) may not be declared at all. A clash is a one-line UserError naming both."""
     out: dict[str, tuple[HparamSpec, list[str]]] = {}
     for label, cls in owners:
         for spec in hparam_specs(cls):
+            if reserved and spec.name in reserved:
+                raise UserError(f"option {spec.flag} of {label} clashes with "
+                                f"{reserved[spec.name]} {spec.flag}; rename the option")
             if spec.name in out:
                 seen, who = out[spec.name]
                 if (seen.type, seen.default) != (spec.type, spec.default):
-                    raise ValueError(f"option {spec.name} is declared differently by "
-                                     f"{who[0]} and {label}")
+                    raise UserError(
+                        f"option {spec.flag} is declared differently by {who[0]} "
+                        f"({_typed(seen)}) and {label} ({_typed(spec)}); plug-ins that share an "
+                        f"option must agree on its type and default: rename one of them")
                 who.append(label)
             else:
                 out[spec.name] = (spec, [label])
     return out
+
+
+def _typed(spec: HparamSpec) -> str:
+    return f"{spec.type.__name__}, default {spec.default!r}"

@@ -6,6 +6,8 @@
 - multidomain: one source-only model on the train split of every domain pooled; report each
   domain's test-split accuracy (`domain_acc`) and their mean (`avg_acc`, also `target_acc`);
   there is no source domain (`source_acc` is null; `train_acc` shows the fit).
+With --eval-max-images N every evaluation set is a fixed stratified subset of at most N images
+(`domadapt.data.subset`): a fast check, whose numbers then describe that subset only.
 Target labels are only ever used to report, never to pick anything.
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 from domadapt.config import RunConfig, with_weights_hash
 from domadapt.data import DomainDataset, build_transform, domain_items, get_dataset, resolve_root
 from domadapt.data.manifest import fingerprint, split_items
+from domadapt.data.subset import stratified_subset
 from domadapt.errors import UserError
 from domadapt.methods import get_method
 
@@ -79,9 +82,9 @@ def build_data(cfg: RunConfig) -> RunData:
         evals = {d: DomainDataset(items, eval_tf) for d, items in tests.items()}
         counts = {"train": len(train_items)} | {f"test/{d}": len(v) for d, v in tests.items()}
         prints = {d: fingerprint(domain_items(spec, root, d), root) for d in domains}
-        return RunData(classes, {"source": DomainDataset(train_items, train_tf)}, evals, domains,
-                       domains, {"classes": classes, "domains": domains, "num_images": counts,
-                                 "fingerprint": prints})
+        return capped(cfg, RunData(
+            classes, {"source": DomainDataset(train_items, train_tf)}, evals, domains, domains,
+            {"classes": classes, "domains": domains, "num_images": counts, "fingerprint": prints}))
     src = domain_items(spec, root, str(cfg.source))
     tgt = domain_items(spec, root, str(cfg.target))
     prints = {str(cfg.source): fingerprint(src, root), str(cfg.target): fingerprint(tgt, root)}
@@ -96,8 +99,21 @@ def build_data(cfg: RunConfig) -> RunData:
     if held:
         evals["source_val"] = DomainDataset(held, eval_tf)
         counts["source_val"] = len(held)
-    return RunData(classes, train, evals, [str(cfg.source), str(cfg.target)], ["target"],
-                   {"classes": classes, "num_images": counts, "fingerprint": prints})
+    return capped(cfg, RunData(classes, train, evals, [str(cfg.source), str(cfg.target)],
+                               ["target"], {"classes": classes, "num_images": counts,
+                                            "fingerprint": prints}))
+
+
+def capped(cfg: RunConfig, data: RunData) -> RunData:
+    """`data` with every evaluation set cut to its --eval-max-images stratified subset (drawn
+    with --split-seed) and `info["eval_images"]` = how many each scores; unchanged without."""
+    n = cfg.eval_max_images
+    if n is None:
+        return data
+    data.evals = {name: DomainDataset(stratified_subset(ds.items, n, cfg.split_seed),
+                                      ds.transform) for name, ds in data.evals.items()}
+    data.info["eval_images"] = {name: len(ds) for name, ds in data.evals.items()}
+    return data
 
 
 def result_accuracy(cfg: RunConfig, acc: dict[str, float], data: RunData) -> float:

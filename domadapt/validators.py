@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from numpy.typing import ArrayLike
 from torch import Tensor
 
+from domadapt.nn.losses import entropy_of_log_probs
+
 __all__ = [
     "dev_importance_weights",
     "dev_risk",
@@ -38,18 +40,12 @@ def _as_2d_float(x: Tensor | ArrayLike, name: str) -> Tensor:
     return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
-def _row_entropy(log_p: Tensor) -> Tensor:
-    """-sum_j p_j log p_j per row of log-probabilities, with 0 log 0 = 0."""
-    p = log_p.exp()
-    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(1)
-
-
 def prediction_entropy(logits: Tensor | ArrayLike) -> float:
     """Mean Shannon entropy (nats) of the softmax predictions: (1/N) sum_i H(softmax(z_i)),
     H(p) = -sum_k p_k log p_k. Logits [N, K]. Range [0, log K]; lower = more confident.
     """
     log_p = F.log_softmax(_as_2d_float(logits, "logits"), dim=1)
-    return _row_entropy(log_p).mean().item()
+    return entropy_of_log_probs(log_p).mean().item()
 
 
 def soft_neighborhood_density(
@@ -85,7 +81,7 @@ def soft_neighborhood_density(
         block = f[start:start + chunk_size] @ f.T / temperature  # [b, N]
         rows = torch.arange(block.size(0))
         block[rows, rows + start] = -math.inf  # drop each sample's similarity to itself
-        total += _row_entropy(F.log_softmax(block, dim=1)).double().sum()
+        total += entropy_of_log_probs(F.log_softmax(block, dim=1)).double().sum()
     return (total / n).item()
 
 

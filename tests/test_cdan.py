@@ -23,13 +23,12 @@ from domadapt.methods import Step, build_method
 from domadapt.methods.cdan import (
     MultilinearMap,
     RandomizedMultilinearMap,
-    certainty_weights,
-    entropy,
     multilinear_map,
     weighted_domain_loss,
 )
 from domadapt.models import DomainAdaptModel
 from domadapt.nn import domain_adversarial_loss
+from domadapt.nn.losses import certainty_weights, entropy
 from domadapt.rundir import RunDir
 from domadapt.schedules import grl_coefficient
 from domadapt.train import run

@@ -9,7 +9,8 @@ import pytest
         (["trian"], "No such command 'trian'"),
         (["train", "--iters", "abc", "--out", "x"], "'--iters'"),
         (["train", "--out"], "'--out' requires an argument"),
-        (["sweep", "--dataset", "styledigits", "--norms", "gn", "--out", "x"], "unknown norm 'gn'"),
+        (["sweep", "--dataset", "styledigits", "--norms", "no-such-norm", "--out", "x"],
+         "unknown norm 'no-such-norm'"),
     ],
 )
 def test_usage_errors_are_one_line(run_cli, args, needle):

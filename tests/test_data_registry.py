@@ -45,8 +45,8 @@ def test_resolve_domain_full_or_short_any_case():
     assert oh.short_name("real_world", None) == "Rw"
     with pytest.raises(UserError, match="unknown domain 'Photo'.*Art \\(Ar\\)"):
         oh.resolve_domain("Photo", None)
-    with pytest.raises(UserError, match="unknown dataset 'imagenet'"):
-        get_dataset("imagenet")
+    with pytest.raises(UserError, match="unknown dataset 'no-such-dataset'"):
+        get_dataset("no-such-dataset")
 
 
 def test_canonical_task_order():

@@ -99,11 +99,11 @@ def test_configs_of_the_first_release_read_as_layer_relative_gates():
     (["--crop-scale-min", "0"], "--crop-scale"),
     (["--crop-scale-min", "0.9", "--crop-scale-max", "0.5"], "--crop-scale"),
     (["--crop-scale-max", "1.5"], "--crop-scale"),
-    (["--resize-mode", "stretch"], "--resize-mode"),
+    (["--resize-mode", "no-such-mode"], "--resize-mode"),
     (["--interpolation", "magic"], "--interpolation"),
-    (["--lr-schedule", "epoch"], "--lr-schedule"),
-    (["--grl-schedule", "cosine"], "--grl-schedule"),
-    (["--gate-lr-rule", "global"], "--gate-lr-rule"),
+    (["--lr-schedule", "no-such-form"], "--lr-schedule"),
+    (["--grl-schedule", "no-such-form"], "--grl-schedule"),
+    (["--gate-lr-rule", "no-such-rule"], "--gate-lr-rule"),
 ])
 def test_bad_schedule_and_transform_options_fail_in_one_line(run_cli, tmp_path, args, named):
     code, _, err = run_cli("train", "--preset", "styledigits", "--source", "gray", "--target",

@@ -45,7 +45,7 @@ def test_atomic_directory_is_all_or_nothing(tmp_path):
     "bad",
     [{"seed": -1}, {"split_seed": -2}, {"weight_decay": -1e-3}, {"gate_lr_mult": -10.0},
      {"adv_weight": -1.0}, {"disc_hidden": 0}, {"iters": 0}, {"lr": 0.0},
-     {"norm": "gn"}, {"method": "mmd"}, {"test_fraction": 1.0}],
+     {"norm": "no-such-norm"}, {"method": "no-such-method"}, {"test_fraction": 1.0}],
 )
 def test_bad_settings_are_user_errors(bad):
     with pytest.raises(UserError):

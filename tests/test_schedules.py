@@ -92,9 +92,9 @@ def test_schedules_are_monotone():
 
 def test_unknown_form_in_library_call():
     with pytest.raises(ValueError, match="schedule form"):
-        lr_factor(1, 10, form="epoch")
+        lr_factor(1, 10, form="no-such-form")
     with pytest.raises(ValueError, match="schedule form"):
-        grl_coefficient(1, 10, form="epoch")
+        grl_coefficient(1, 10, form="no-such-form")
 
 
 def test_check_schedule_options_accepts_both_recipes():
@@ -107,8 +107,8 @@ def test_check_schedule_options_accepts_both_recipes():
     ({"grl_warmup": -5}, "--grl-warmup must be positive, got -5"),
     ({"grl_warmup": 0}, "--grl-warmup must be positive, got 0"),
     ({"grl_warmup": math.inf}, "--grl-warmup must be positive, got inf"),
-    ({"lr_schedule": "epoch"}, "unknown --lr-schedule 'epoch'; choose from progress, iteration"),
-    ({"grl_schedule": "linear"}, "unknown --grl-schedule 'linear'"),
+    ({"lr_schedule": "no-such-form"}, "unknown --lr-schedule 'no-such-form'; choose from progress, iteration"),
+    ({"grl_schedule": "no-such-form"}, "unknown --grl-schedule 'no-such-form'"),
     ({"lr_gamma": -0.001}, "--lr-gamma must be a finite number >= 0, got -0.001"),
     ({"lr_decay": math.nan}, "--lr-decay must be a finite number >= 0, got nan"),
     ({"grl_alpha": -1.0}, "--grl-alpha must be a finite number >= 0, got -1.0"),

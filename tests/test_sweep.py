@@ -334,8 +334,8 @@ def test_make_launcher(tmp_path: Path) -> None:
                           slurm={"slurm_partition": "gpu", "timeout_min": 60})
     assert isinstance(slurm, SubmititLauncher) and slurm.folder == tmp_path / "submitit"
     assert slurm.parameters["slurm_partition"] == "gpu" and slurm.parameters["timeout_min"] == 60
-    with pytest.raises(UserError, match="unknown launcher 'ray'"):
-        make_launcher("ray", workers=None, device="cpu", sweep_dir=tmp_path)
+    with pytest.raises(UserError, match="unknown launcher 'no-such-launcher'"):
+        make_launcher("no-such-launcher", workers=None, device="cpu", sweep_dir=tmp_path)
     with pytest.raises(UserError, match="--workers must be >= 1"):
         make_launcher("local", workers=0, device="cpu", sweep_dir=tmp_path)
 
@@ -430,10 +430,10 @@ def folder_dataset(tmp_path: Path) -> Path:
     (["--tasks", "Art:A"], "'Art:A'"),
     (["--tasks", ""], "--tasks is empty"),
     (["--methods", ""], "--methods is empty"),
-    (["--methods", "dann,mmd"], "'mmd'"),
-    (["--norms", "bn,gn"], "'gn'"),
+    (["--methods", "dann,no-such-method"], "'no-such-method'"),
+    (["--norms", "bn,no-such-norm"], "'no-such-norm'"),
     (["--seeds", "0,one"], "'one'"),
-    (["--launcher", "ray"], "'ray'"),
+    (["--launcher", "no-such-launcher"], "'no-such-launcher'"),
     (["--workers", "0"], "--workers"),
     (["--slurm", "partition"], "'partition'"),
 ])

@@ -264,9 +264,9 @@ def test_select_cli_and_bad_input(tmp_path: Path, run_cli) -> None:
         assert f"--select {rule} needs {col}, which these runs did not record" in err
         assert "--source-val-fraction > 0" in err
         assert not (tmp_path / rule).exists()  # nothing written
-    code, _, err = run_cli("tables", sweep, "--select", "best")
+    code, _, err = run_cli("tables", sweep, "--select", "no-such-rule")
     assert code != 0 and err.count("\n") == 1
-    assert "unknown --select rule 'best'; choose from last, source, entropy, snd, dev, oracle" in err
+    assert "unknown --select rule 'no-such-rule'; choose from last, source, entropy, snd, dev, oracle" in err
     # the selection table leaves out what was not recorded
     sel = pd.read_csv(sweep / "selection_table.csv")
     assert set(sel.rule) == {"last", "entropy", "snd", ORACLE}

@@ -98,8 +98,8 @@ def test_crop_scale_changes_the_crop(image):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"resize_mode": "fit"}, "unknown --resize-mode 'fit'; choose from shorter, square"),
-    ({"interpolation": "cubic"}, "unknown --interpolation 'cubic'; choose from nearest,"),
+    ({"resize_mode": "no-such-mode"}, "unknown --resize-mode 'no-such-mode'; choose from shorter, square"),
+    ({"interpolation": "no-such-filter"}, "unknown --interpolation 'no-such-filter'; choose from nearest,"),
     ({"crop_scale": (0.0, 1.0)}, "--crop-scale-min/--crop-scale-max must satisfy 0 < MIN <= MAX <= 1, got 0.0 1.0"),
     ({"crop_scale": (0.5, 1.2)}, "--crop-scale-min/--crop-scale-max must satisfy 0 < MIN <= MAX <= 1, got 0.5 1.2"),
     ({"crop_scale": (0.8, 0.5)}, "--crop-scale-min/--crop-scale-max must satisfy 0 < MIN <= MAX <= 1, got 0.8 0.5"),

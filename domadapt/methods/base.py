@@ -7,12 +7,26 @@ and any extra modules (discriminators, ...), declares its hyper-parameters (a fr
 The trainer knows no method by name: it checkpoints `method.state_dict()` whole, gives the
 parameters of `method.heads()` the head learning rate, and logs every statistic in `stats`.
 A method is one module of `domadapt.methods` decorated with `@register_method`.
+
+A method that owns its update (several optimizers, alternating steps: MCD, ADDA) sets
+`owns_update = True` and implements two hooks instead of `forward`:
+
+    optimizers = method.build_optimizers(sgd)   # once: {name: sgd(backbone=[...], heads=[...])}
+    stats = method.update(x_s, y_s, x_t, step, opt)   # every iteration; opt(name, loss) = one step
+
+`sgd` builds an SGD with the run's rules (lr0 x schedule x group multiplier, backbone
+multiplier, the norm's special parameters in their own groups without weight decay and
+clamped after every step); the trainer sets every optimizer's lr each iteration and keeps
+every optimizer's state in the checkpoint. `opt(name, loss)` (or `opt((name, ...), loss)`)
+zeroes those optimizers' gradients, back-propagates `loss` once (refusing a non-finite one) and
+steps each of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +69,7 @@ class Method(nn.Module):
     help: ClassVar[str] = ""
     Hparams: ClassVar[type] = NoHparams
     uses_target: ClassVar[bool] = False  # does forward need a target batch?
+    owns_update: ClassVar[bool] = False  # True: build_optimizers + update instead of forward
 
     def __init__(self, model: DomainAdaptModel, hp: Any, *, num_classes: int) -> None:
         super().__init__()
@@ -71,6 +86,29 @@ class Method(nn.Module):
     def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor | None,
                 step: Step) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def build_optimizers(self, sgd: SGDFactory) -> dict[str, torch.optim.Optimizer]:
+        """owns_update only: the method's optimizers by name, each built with `sgd`."""
+        raise NotImplementedError(f"{self.name}: owns_update needs build_optimizers")
+
+    def update(self, x_s: Tensor, y_s: Tensor, x_t: Tensor | None, step: Step,
+               opt: StepFn) -> dict[str, Tensor]:
+        """owns_update only: one iteration's optimisation steps (each `opt(name, loss)`);
+        returns detached scalar statistics, as `StepOutput.stats`."""
+        raise NotImplementedError(f"{self.name}: owns_update needs update")
+
+
+class SGDFactory(Protocol):
+    """`sgd(backbone=[modules], heads=[modules])`: an SGD over those modules' trainable
+    parameters with the run's learning-rate, weight-decay and special-parameter rules
+    (backbone modules at `backbone_lr_mult` x lr0, heads at lr0)."""
+
+    def __call__(self, *, backbone: Sequence[nn.Module] = (),
+                 heads: Sequence[nn.Module] = ()) -> torch.optim.Optimizer: ...
+
+
+# opt(names, loss): zero the named optimizer(s)' gradients, back-propagate `loss` once, step each
+StepFn = Callable[[str | Sequence[str], Tensor], None]
 
 
 METHODS: Registry[type[Method]] = Registry("method")

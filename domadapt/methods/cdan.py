@@ -43,6 +43,7 @@ from domadapt.methods.base import (
 )
 from domadapt.methods.dann import AdversarialHparams, grl_lambda
 from domadapt.nn import DomainDiscriminator, domain_accuracy, grad_reverse
+from domadapt.nn.losses import certainty_weights
 from domadapt.registry import hparam
 
 
@@ -97,16 +98,6 @@ def multilinear_map(features_dim: int, num_classes: int, *, max_dim: int = 4096,
     if features_dim * num_classes <= max_dim:
         return MultilinearMap(features_dim, num_classes)
     return RandomizedMultilinearMap(features_dim, num_classes, random_dim)
-
-
-def entropy(p: Tensor) -> Tensor:
-    """H(p) = -sum_k p_k log p_k per row (0 log 0 = 0): [B, K] probabilities -> [B]."""
-    return torch.special.entr(p).sum(1)
-
-
-def certainty_weights(p: Tensor) -> Tensor:
-    """v = 1 + exp(-H(p)) per row, in [1 + 1/K, 2]; detached."""
-    return 1.0 + torch.exp(-entropy(p.detach().float()))
 
 
 def weighted_domain_loss(d_s: Tensor, d_t: Tensor, v_s: Tensor | None = None,

@@ -13,6 +13,7 @@ lambda rises from 0 to ~1: 2 / (1 + exp(-alpha p)) - 1 over training progress p 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,12 +33,23 @@ from domadapt.registry import hparam
 from domadapt.schedules import SCHEDULE_FORMS, check_schedule_options, grl_coefficient
 
 
+def disc_hidden_hparam() -> Any:
+    """The `disc_hidden` option of every method with a `DomainDiscriminator` (one declaration:
+    methods that share an option must agree on its type and default)."""
+    return hparam(1024, "width of the domain discriminator's hidden layers")
+
+
+def check_disc_hidden(value: int) -> None:
+    if value <= 0:
+        raise UserError(f"--disc-hidden must be positive, got {value}")
+
+
 @dataclass(frozen=True)
 class AdversarialHparams:
     """Options shared by the domain-adversarial methods (DANN, CDAN)."""
 
     adv_weight: float = hparam(1.0, "weight w of the domain-adversarial loss")
-    disc_hidden: int = hparam(1024, "width of the domain discriminator's hidden layers")
+    disc_hidden: int = disc_hidden_hparam()
     grl_schedule: str = hparam(
         "progress", "GRL coefficient: 2/(1+exp(-alpha p))-1 (progress, Ganin et al.) or "
         "2/(1+exp(-iteration/warmup))-1 (iteration, Transfer-Learning-Library)",
@@ -50,8 +62,7 @@ class AdversarialHparams:
                                grl_warmup=self.grl_warmup)
         if self.adv_weight < 0:
             raise UserError(f"--adv-weight must be >= 0, got {self.adv_weight}")
-        if self.disc_hidden <= 0:
-            raise UserError(f"--disc-hidden must be positive, got {self.disc_hidden}")
+        check_disc_hidden(self.disc_hidden)
 
 
 def grl_lambda(hp: AdversarialHparams, step: Step) -> float:

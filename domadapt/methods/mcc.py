@@ -31,8 +31,8 @@ from domadapt.methods.base import (
     register_method,
     supervised_loss,
 )
-from domadapt.methods.cdan import certainty_weights
 from domadapt.methods.dann import DANN, AdversarialHparams
+from domadapt.nn.losses import certainty_weights
 from domadapt.registry import hparam
 
 

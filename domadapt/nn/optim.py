@@ -38,7 +38,7 @@ def _split(modules: Sequence[nn.Module], special: set[int]
 
 
 def param_groups(
-    backbone: nn.Module,
+    backbone: nn.Module | Sequence[nn.Module],
     heads: Sequence[nn.Module],
     *,
     lr: float,
@@ -54,11 +54,13 @@ def param_groups(
         heads               lr_mult = 1                                      weight decay
         heads/<label>       lr_mult = special.lr_mult                        no decay
 
-    Only parameters with requires_grad are included; empty groups are left out.
+    Only parameters with requires_grad are included; empty groups are left out. `backbone`
+    is one module or several (a method's own optimizers may cover part of the network).
     """
     ids = {id(p) for p in special.params} if special else set()
     groups: list[dict[str, Any]] = []
-    for name, modules, mult in (("backbone", [backbone], backbone_lr_mult), ("heads", heads, 1.0)):
+    backbones = [backbone] if isinstance(backbone, nn.Module) else list(backbone)
+    for name, modules, mult in (("backbone", backbones, backbone_lr_mult), ("heads", heads, 1.0)):
         plain, chosen = _split(modules, ids)
         groups.append({"params": plain, "name": name, "lr_mult": mult,
                        "weight_decay": weight_decay})
@@ -100,7 +102,7 @@ def attach_clamp(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def build_sgd(
-    backbone: nn.Module,
+    backbone: nn.Module | Sequence[nn.Module],
     heads: Sequence[nn.Module],
     *,
     lr: float,

@@ -2,7 +2,7 @@
 and running statistics), which of its parameters follow a special optimizer rule, and which
 diagnostics it reports.
 
-    convert_norm(model, "bin")   # every BatchNorm2d / InstanceNorm2d / BIN layer -> BIN
+    convert_norm(model, "bin", {"gate_lr_mult": 10.0})   # every BN / IN / BIN layer -> BIN
 
 A kind lives in one module of `domadapt.norms` that calls `register_norm(...)`.
 """
@@ -47,28 +47,37 @@ class NormKind:
     Hparams: ClassVar[type] = NoHparams
     help: ClassVar[str] = ""
 
-    def build(self, old: nn.Module) -> nn.Module:
-        """A new layer of this kind carrying `old`'s affine, eps, momentum, running statistics,
-        num_batches_tracked, device, dtype, requires_grad and train/eval mode."""
+    def build(self, old: nn.Module, hp: Any) -> nn.Module:
+        """A new layer of this kind in place of `old` (`make_layer`), carrying `old`'s affine
+        weight and bias, running statistics and num_batches_tracked wherever the new layer has
+        them with the same shape, and `old`'s device, dtype, requires_grad and train/eval
+        mode. `hp`: this kind's resolved options."""
         ref = next(iter(old.parameters()), None)
         if ref is None:
             ref = next(iter(old.buffers()), None)
         factory = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-        track = self.tracks_running_stats and (
-            getattr(old, "track_running_stats", False) or isinstance(old, nn.InstanceNorm2d))
-        new = self.layer_type(old.num_features, eps=old.eps, momentum=old.momentum,
-                              affine=old.affine, track_running_stats=track, **factory)
+        new = self.make_layer(old, hp, factory)
         with torch.no_grad():
             for name in ("weight", "bias"):
                 src, dst = getattr(old, name, None), getattr(new, name, None)
-                if src is not None and dst is not None:
+                if _carries(src, dst):
                     dst.copy_(src)
                     dst.requires_grad_(src.requires_grad)
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 src, dst = getattr(old, name, None), getattr(new, name, None)
-                if src is not None and dst is not None:
+                if _carries(src, dst):
                     dst.copy_(src)
         return new.train(old.training)
+
+    def make_layer(self, old: nn.Module, hp: Any, factory: dict[str, Any]) -> nn.Module:
+        """The new layer, before anything is carried over. Default: `layer_type` constructed
+        like nn.BatchNorm2d from `old`'s num_features, eps, momentum and affine. Override to
+        build any other layer (e.g. nn.GroupNorm(hp.groups, channels(old), ...)); `factory`
+        holds the device and dtype to build on."""
+        track = self.tracks_running_stats and (
+            getattr(old, "track_running_stats", False) or isinstance(old, nn.InstanceNorm2d))
+        return self.layer_type(old.num_features, eps=old.eps, momentum=old.momentum,
+                               affine=old.affine, track_running_stats=track, **factory)
 
     tracks_running_stats: ClassVar[bool] = True  # IN: False (always each sample's own moments)
 
@@ -87,6 +96,18 @@ class NormKind:
         """Tables written into the run directory when training ends (file name -> table),
         e.g. BIN's gates per layer; committed with the run records."""
         return {}
+
+
+def _carries(src: Any, dst: Any) -> bool:
+    """Whether tensor `src` can be copied into `dst` (both present, same shape)."""
+    return (isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor)
+            and src.shape == dst.shape)
+
+
+def channels(layer: nn.Module) -> int:
+    """The channel count of a 2-d norm layer (BatchNorm/InstanceNorm: num_features;
+    GroupNorm: num_channels)."""
+    return int(getattr(layer, "num_features", None) or layer.num_channels)
 
 
 NORMS: Registry[NormKind] = Registry("norm")
@@ -122,20 +143,25 @@ def _wrapped(old: nn.Module, new: nn.Module, kind: str) -> nn.Module:
                     f"a norm layer whose extra behaviour would be lost")
 
 
-def convert_norm(model: nn.Module, kind: str) -> nn.Module:
-    """Replace, in place, every 2-d norm layer of a registered kind by `kind`.
+def convert_norm(model: nn.Module, kind: str, options: dict[str, Any] | None = None) -> nn.Module:
+    """Replace, in place, every 2-d norm layer of a registered kind by `kind`, built with the
+    kind's `options` (its Hparams fields; missing ones take their defaults).
 
     Layers already of `kind` (or a subclass) are kept, so converting twice is a no-op; BN ->
     BIN leaves a network's outputs unchanged in train and eval mode; BIN -> BN drops rho.
     Returns `model`, or the new layer when `model` is itself a norm layer.
     """
     target = get_norm(kind)
+    return _convert(model, target, norm_hparams(kind, options), kind)
+
+
+def _convert(model: nn.Module, target: NormKind, hp: Any, kind: str) -> nn.Module:
     if isinstance(model, target.layer_type):
         return model
     if isinstance(model, _norm_types()):
-        return _wrapped(model, target.build(model), kind)
+        return _wrapped(model, target.build(model, hp), kind)
     for name, child in model.named_children():
-        converted = convert_norm(child, kind)
+        converted = _convert(child, target, hp, kind)
         if converted is not child:
             setattr(model, name, converted)
     return model

@@ -1,0 +1,55 @@
+"""Retrain recorded runs and check that their metrics are unchanged (a refactor changes no result).
+
+    python benchmarks/same_metrics.py results/styledigits-methods/runs/color-gray_dann_bn_s0-*
+
+For each run directory: its config.json's configuration is trained afresh into a temporary
+directory (CPU, quiet) and every entry of the new metrics.json except the timing and device
+ones is compared with the recorded one, exactly (bit-identical floats). Prints one line per run
+and exits 1 if any differs. Bit-identity holds on the machine (CPU, torch build, BIN kernel)
+that recorded the runs; elsewhere a difference may be floating-point, not the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from domadapt.config import RunConfig
+from domadapt.train import run
+
+NOT_COMPARED = {"wall_seconds", "train_seconds", "images_per_second", "device"}
+
+
+def differences(recorded: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ (a key present in one only counts as a difference)."""
+    keys = (set(recorded) | set(new)) - NOT_COMPARED
+    return sorted(k for k in keys if recorded.get(k, "<absent>") != new.get(k, "<absent>"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run directories")
+    args = parser.parse_args(argv)
+    failed = 0
+    for run_dir in args.runs:
+        info = json.loads((run_dir / "config.json").read_text())
+        recorded = json.loads((run_dir / "metrics.json").read_text())
+        cfg = RunConfig.from_dict(info["config"])
+        with tempfile.TemporaryDirectory() as tmp:
+            new = run(cfg.replace(root=None) if cfg.dataset == "styledigits" else cfg,
+                      Path(tmp) / "run", device="cpu", quiet=True)
+        diff = differences(recorded, new)
+        failed += bool(diff)
+        print(f"{run_dir.name}: " + ("same metrics" if not diff else
+                                     "DIFFERENT: " + ", ".join(
+                                         f"{k} {recorded.get(k)!r} -> {new.get(k)!r}"
+                                         for k in diff[:5])))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
