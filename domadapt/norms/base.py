@@ -9,7 +9,7 @@ A kind lives in one module of `domadapt.norms` that calls `register_norm(...)`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -68,6 +68,14 @@ class NormKind:
                 if _carries(src, dst):
                     dst.copy_(src)
         return new.train(old.training)
+
+    def convert(self, model: nn.Module, hp: Any) -> nn.Module:
+        """Replace the norm layers of `model` (in place; returns `model`, or the new layer when
+        `model` is itself a norm layer). Default: every 2-d norm layer not already of this kind
+        is `build`-ed. Override where the layer depends on its place in the network (IBN: some
+        stages only) or the kind adds modules (MixStyle); `domadapt.norms.stages` locates the
+        stages and `convert_layers` does the replacing."""
+        return convert_layers(model, lambda name: (self, hp))
 
     def make_layer(self, old: nn.Module, hp: Any, factory: dict[str, Any]) -> nn.Module:
         """The new layer, before anything is carried over. Default: `layer_type` constructed
@@ -144,26 +152,38 @@ def _wrapped(old: nn.Module, new: nn.Module, kind: str) -> nn.Module:
 
 
 def convert_norm(model: nn.Module, kind: str, options: dict[str, Any] | None = None) -> nn.Module:
-    """Replace, in place, every 2-d norm layer of a registered kind by `kind`, built with the
-    kind's `options` (its Hparams fields; missing ones take their defaults).
+    """Replace, in place, the 2-d norm layers of a registered kind by `kind`, built with the
+    kind's `options` (its Hparams fields; missing ones take their defaults): `NormKind.convert`,
+    by default every such layer.
 
     Layers already of `kind` (or a subclass) are kept, so converting twice is a no-op; BN ->
     BIN leaves a network's outputs unchanged in train and eval mode; BIN -> BN drops rho.
     Returns `model`, or the new layer when `model` is itself a norm layer.
     """
     target = get_norm(kind)
-    return _convert(model, target, norm_hparams(kind, options), kind)
+    return target.convert(model, norm_hparams(kind, options))
 
 
-def _convert(model: nn.Module, target: NormKind, hp: Any, kind: str) -> nn.Module:
-    if isinstance(model, target.layer_type):
-        return model
+def convert_layers(model: nn.Module,
+                   choose: Callable[[str], tuple[NormKind, Any]]) -> nn.Module:
+    """Replace every outermost 2-d norm layer of `model` (qualified name `name`) by
+    `kind.build(layer, hp)` for `(kind, hp) = choose(name)`, keeping a layer already of that
+    kind; a norm layer's own children are not visited. Returns `model`, or the new layer when
+    `model` is itself a norm layer."""
+    return _convert(model, "", choose)
+
+
+def _convert(model: nn.Module, name: str,
+             choose: Callable[[str], tuple[NormKind, Any]]) -> nn.Module:
     if isinstance(model, _norm_types()):
-        return _wrapped(model, target.build(model, hp), kind)
-    for name, child in model.named_children():
-        converted = _convert(child, target, hp, kind)
+        target, hp = choose(name)
+        if isinstance(model, target.layer_type):
+            return model
+        return _wrapped(model, target.build(model, hp), target.name)
+    for child_name, child in model.named_children():
+        converted = _convert(child, f"{name}.{child_name}" if name else child_name, choose)
         if converted is not child:
-            setattr(model, name, converted)
+            setattr(model, child_name, converted)
     return model
 
 
