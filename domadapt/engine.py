@@ -60,11 +60,12 @@ from domadapt.methods import Step, build_method, get_method
 from domadapt.models import DomainAdaptModel, build_model
 from domadapt.nn import build_sgd, set_lr
 from domadapt.nn.adabn import adapt_batch_stats, has_batch_stats
+from domadapt.nn.domains import domain_labels
 from domadapt.norms import get_norm
 from domadapt.progress import progress
 from domadapt.rundir import RunDir
 from domadapt.schedules import lr_factor
-from domadapt.settings import RunData, result_accuracy
+from domadapt.settings import RunData, eval_domain, result_accuracy
 
 
 class NonFiniteLoss(UserError):
@@ -366,7 +367,8 @@ class Trainer:
     def _outputs(self, model: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor]:
         return outputs(model, self.data.evals[name], batch_size=2 * self.cfg.batch_size,
                        num_workers=self.cfg.num_workers, device=self.device,
-                       autocast=self.autocast(), channels_last=self.channels_last)
+                       autocast=self.autocast(), channels_last=self.channels_last,
+                       domain=eval_domain(self.cfg, name))
 
     def evaluate(self) -> dict[str, Any]:
         """Accuracy on every evaluation set, per-class accuracy on the result domains (pooled),
@@ -397,7 +399,7 @@ class Trainer:
             batches = (to_device(x, self.device, self.channels_last) for x, _ in
                        eval_loader(self.data.evals[name], 2 * self.cfg.batch_size,
                                    self.cfg.num_workers, pin_memory=self.device.type == "cuda"))
-            with self.autocast():
+            with self.autocast(), domain_labels(self.model, eval_domain(self.cfg, name)):
                 adapted = adapt_batch_stats(self.model, batches)
             logits, _, labels = self._outputs(adapted, name)
             acc[name] = accuracy(logits.argmax(1), labels)

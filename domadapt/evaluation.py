@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from domadapt.data import DomainDataset, eval_loader
+from domadapt.nn.domains import domain_labels
 from domadapt.validators import dev_risk, prediction_entropy, soft_neighborhood_density
 
 
@@ -30,15 +31,16 @@ def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
 @torch.no_grad()
 def outputs(model: nn.Module, dataset: DomainDataset, *, batch_size: int, num_workers: int,
             device: torch.device, autocast: contextlib.AbstractContextManager | None = None,
-            channels_last: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+            channels_last: bool = False, domain: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(logits, bottleneck features, true labels) of every image of `dataset` (float32, CPU),
-    the model in eval mode."""
+    the model in eval mode; `domain` labels the images for domain-aware norm layers
+    (`domadapt.nn.domains`; None: not given)."""
     was_training = model.training
     model.eval()
     logits, features, labels = [], [], []
     for x, y in eval_loader(dataset, batch_size, num_workers, pin_memory=device.type == "cuda"):
         x = to_device(x, device, channels_last)
-        with autocast or contextlib.nullcontext():
+        with autocast or contextlib.nullcontext(), domain_labels(model, domain):
             out, feat = model(x)
         logits.append(out.float().cpu())
         features.append(feat.float().cpu())

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from domadapt.backbones import build_backbone
 from domadapt.errors import UserError
 from domadapt.nn import Bottleneck
+from domadapt.nn.domains import Domains, domain_labels
 from domadapt.norms import convert_norm, count_norm_layers
 
 if TYPE_CHECKING:
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
 class DomainAdaptModel(nn.Module):
     """backbone -> bottleneck (Linear-BN1d-ReLU) -> linear classifier.
 
-    `forward(x)` returns `(logits, features)`, `features` being the bottleneck output.
+    `forward(x, domains=None)` returns `(logits, features)`, `features` being the bottleneck
+    output; `domains` (an int or a per-sample tensor) labels the batch for domain-aware norm
+    layers (`domadapt.nn.domains`).
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, bottleneck_dim: int,
@@ -36,8 +39,9 @@ class DomainAdaptModel(nn.Module):
         self.bottleneck = Bottleneck(feature_dim, bottleneck_dim)
         self.classifier = nn.Linear(bottleneck_dim, num_classes)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.bottleneck(self.backbone(x))
+    def forward(self, x: Tensor, domains: Domains = None) -> tuple[Tensor, Tensor]:
+        with domain_labels(self, domains):
+            features = self.bottleneck(self.backbone(x))
         return self.classifier(features), features
 
 

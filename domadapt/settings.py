@@ -26,6 +26,8 @@ from domadapt.data.manifest import fingerprint, split_items
 from domadapt.data.subset import stratified_subset
 from domadapt.errors import UserError
 from domadapt.methods import get_method
+from domadapt.nn.domains import SOURCE, TARGET
+from domadapt.norms import get_norm
 
 
 @dataclass
@@ -47,6 +49,7 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     """`cfg` with full domain names, the absolute dataset root (styledigits: generated) and
     the weights file's hash (`with_weights_hash`)."""
     cfg = with_weights_hash(cfg)
+    check_domains_defined(cfg)
     spec = get_dataset(cfg.dataset)
     root = resolve_root(spec, cfg.root)
     if cfg.setting == "multidomain":
@@ -114,6 +117,29 @@ def capped(cfg: RunConfig, data: RunData) -> RunData:
                                       ds.transform) for name, ds in data.evals.items()}
     data.info["eval_images"] = {name: len(ds) for name, ds in data.evals.items()}
     return data
+
+
+def eval_domain(cfg: RunConfig, name: str) -> int | None:
+    """The domain label (`domadapt.nn.domains`) of evaluation set `name`: transfer: "source" and
+    "source_val" SOURCE, "target" TARGET; None otherwise (multidomain's per-domain test sets)."""
+    if cfg.setting != "transfer":
+        return None
+    return {"source": SOURCE, "source_val": SOURCE, "target": TARGET}.get(name)
+
+
+def check_domains_defined(cfg: RunConfig) -> None:
+    """A norm that needs each training image's domain (`NormKind.needs_domains`, DSBN) runs
+    only where every training image has one of two known domains, both trained on: transfer
+    with a method that trains on target images. Else a one-line UserError."""
+    if not get_norm(cfg.norm).needs_domains:
+        return
+    if cfg.setting != "transfer":
+        raise UserError(f"--norm {cfg.norm} needs each training image's domain (source or "
+                        f"target): a {cfg.setting} run has no target domain to train")
+    if not get_method(cfg.method).uses_target:
+        raise UserError(f"--norm {cfg.norm} needs a method that trains on target images: "
+                        f"--method {cfg.method} never sees the target, so its target branch "
+                        f"would stay untrained")
 
 
 def result_accuracy(cfg: RunConfig, acc: dict[str, float], data: RunData) -> float:

@@ -54,6 +54,7 @@ from domadapt.methods.base import (
 )
 from domadapt.methods.dann import check_disc_hidden, disc_hidden_hparam
 from domadapt.nn import DomainDiscriminator, domain_accuracy, domain_adversarial_loss
+from domadapt.nn.domains import SOURCE, TARGET, domain_labels
 from domadapt.registry import hparam
 
 
@@ -125,7 +126,7 @@ class ADDA(Method):
 
     def pretrain_step(self, x_s: Tensor, y_s: Tensor, opt: StepFn) -> dict[str, Tensor]:
         """M_s and C descend CE on the source."""
-        logits, _ = self.model(x_s)
+        logits, _ = self.model(x_s, domains=SOURCE)
         loss = supervised_loss(logits, y_s)
         opt("source", loss)
         return {"cls_loss": loss.detach(), "train_acc": batch_accuracy(logits.detach(), y_s)}
@@ -139,9 +140,10 @@ class ADDA(Method):
         BCE(D(M_t(x_t)), 1) with D's new weights (C and M_s untouched). D sees source and
         target concatenated both times, so its BatchNorm layers normalize the target features
         with the mixed-batch statistics they were trained to discriminate under."""
-        with torch.no_grad():
+        with torch.no_grad(), domain_labels(self.source_encoder, SOURCE):
             f_s = self.source_encoder(x_s)
-        f_t = self.encoder()(x_t)
+        with domain_labels(self.model, TARGET):
+            f_t = self.encoder()(x_t)
         n = f_s.shape[0]
         d = self.discriminator(torch.cat([f_s, f_t.detach()])).float()
         d_loss = domain_adversarial_loss(d[:n], d[n:])

@@ -43,6 +43,7 @@ from domadapt.methods.base import (
 )
 from domadapt.methods.dann import AdversarialHparams, grl_lambda
 from domadapt.nn import DomainDiscriminator, domain_accuracy, grad_reverse
+from domadapt.nn.domains import concat_domains
 from domadapt.nn.losses import certainty_weights
 from domadapt.registry import hparam
 
@@ -137,7 +138,7 @@ class CDAN(Method):
         if x_t is None:
             raise ValueError(f"{self.name} needs a target batch")
         n_s = x_s.shape[0]
-        logits, features = self.model(torch.cat([x_s, x_t]))
+        logits, features = self.model(*concat_domains(x_s, x_t))
         logits_s = logits[:n_s]
         g = F.softmax(logits.float(), dim=1).detach()
         coeff = grl_lambda(self.hp, step)

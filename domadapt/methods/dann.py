@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from domadapt.errors import UserError
@@ -29,6 +28,7 @@ from domadapt.methods.base import (
     supervised_loss,
 )
 from domadapt.nn import DomainDiscriminator, domain_accuracy, domain_adversarial_loss, grad_reverse
+from domadapt.nn.domains import concat_domains
 from domadapt.registry import hparam
 from domadapt.schedules import SCHEDULE_FORMS, check_schedule_options, grl_coefficient
 
@@ -104,7 +104,7 @@ class DANN(Method):
         if x_t is None:
             raise ValueError("DANN needs a target batch")
         n_s = x_s.shape[0]
-        logits, features = self.model(torch.cat([x_s, x_t]))
+        logits, features = self.model(*concat_domains(x_s, x_t))
         logits_s = logits[:n_s]
         coeff = grl_lambda(self.hp, step)
         d = self.discriminator(grad_reverse(features, coeff)).float()

@@ -32,6 +32,7 @@ from domadapt.methods.base import (
     supervised_loss,
 )
 from domadapt.methods.dann import DANN, AdversarialHparams
+from domadapt.nn.domains import concat_domains
 from domadapt.nn.losses import certainty_weights
 from domadapt.registry import hparam
 
@@ -81,7 +82,7 @@ class MCC(Method):
         if x_t is None:
             raise ValueError("MCC needs a target batch")
         n_s = x_s.shape[0]
-        logits, _ = self.model(torch.cat([x_s, x_t]))
+        logits, _ = self.model(*concat_domains(x_s, x_t))
         logits_s = logits[:n_s]
         cls_loss = supervised_loss(logits_s, y_s)
         mcc_loss = class_confusion_loss(logits[n_s:], self.hp.mcc_temperature)

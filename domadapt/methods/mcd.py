@@ -39,6 +39,7 @@ from domadapt.methods.base import (
     register_method,
     supervised_loss,
 )
+from domadapt.nn.domains import concat_domains, domain_labels
 from domadapt.registry import hparam
 
 
@@ -76,7 +77,9 @@ class MCD(Method):
 
     def features(self, x_s: Tensor, x_t: Tensor) -> Tensor:
         """G([x_s; x_t]): bottleneck features of the concatenated batch."""
-        return self.model.bottleneck(self.model.backbone(torch.cat([x_s, x_t])))
+        x, domains = concat_domains(x_s, x_t)
+        with domain_labels(self.model, domains):
+            return self.model.bottleneck(self.model.backbone(x))
 
     def source_loss(self, f: Tensor, y_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(CE(F1) + CE(F2) on the source rows, F1's logits, F2's logits) of features f."""

@@ -15,6 +15,7 @@ from domadapt.methods.base import (
     register_method,
     supervised_loss,
 )
+from domadapt.nn.domains import SOURCE
 
 
 @register_method
@@ -25,7 +26,7 @@ class SourceOnly(Method):
     help = "ERM on the labelled source (the multi-domain setting's only method)"
 
     def forward(self, x_s: Tensor, y_s: Tensor, x_t: Tensor | None, step: Step) -> StepOutput:
-        logits, _ = self.model(x_s)
+        logits, _ = self.model(x_s, domains=SOURCE)
         cls_loss = supervised_loss(logits, y_s)
         stats = {"cls_loss": cls_loss.detach(), "train_acc": batch_accuracy(logits, y_s)}
         return StepOutput(cls_loss, stats)

@@ -88,6 +88,9 @@ class NormKind:
                                affine=old.affine, track_running_stats=track, **factory)
 
     tracks_running_stats: ClassVar[bool] = True  # IN: False (always each sample's own moments)
+    # True: the layers read each sample's domain (`domadapt.nn.domains`); such a kind runs only
+    # where every training image has a known domain (`domadapt.settings.check_domains_defined`)
+    needs_domains: ClassVar[bool] = False
 
     def special_params(self, model: nn.Module, hp: Any) -> SpecialParams | None:
         """This kind's parameters that need their own optimizer rule (None: none)."""
