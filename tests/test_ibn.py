@@ -150,3 +150,12 @@ def test_train_with_ibn_resumes_bit_identically(tmp_path, monkeypatch):
     assert {"model.backbone.features.1.inorm.weight",
             "model.backbone.features.5.bnorm.running_mean"} <= keys
     assert "model.backbone.features.9.running_mean" in keys  # stage 3: BN
+
+
+def test_methods_lists_the_style_norms_and_their_options(run_cli):
+    code, out, _ = run_cli("methods")
+    assert code == 0
+    norms = out[out.index("norms (--norm):"):]
+    for line in ("ibn: IBN-a", "--ibn-ratio", "--ibn-stages", "mixstyle: BN, with MixStyle",
+                 "--mixstyle-p", "--mixstyle-alpha", "--mixstyle-stages", "dsbn: domain-specific"):
+        assert line in norms, line
