@@ -179,3 +179,31 @@ def test_dann_with_dsbn_resumes_bit_identically(tmp_path, monkeypatch):
     src = state["model.backbone.features.1.branches.0.running_mean"]
     tgt = state["model.backbone.features.1.branches.1.running_mean"]
     assert not torch.equal(src, tgt)  # each domain's own statistics
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["ibn", "mixstyle", "dsbn"])
+def test_style_norms_on_cuda_bf16_channels_last(kind):
+    """A labelled [source; target] batch trains (finite bf16 outputs and gradients, the same
+    outputs from the same seed) and, at evaluation, the network is BN's on the BN channels."""
+    import torchvision
+
+    torch.manual_seed(0)
+    base = torchvision.models.resnet18().cuda().to(memory_format=torch.channels_last)
+    options = {"mixstyle_p": 1.0} if kind == "mixstyle" else {}
+    net = convert_norm(copy.deepcopy(base), kind, options).train()
+    x, labels = concat_domains(*(torch.randn(4, 3, 64, 64, device="cuda")
+                                 .to(memory_format=torch.channels_last) for _ in range(2)))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        with torch.autocast("cuda", dtype=torch.bfloat16), domain_labels(net, labels):
+            y = net(x)
+        y.float().square().mean().backward()
+        outs.append(y.float())
+    assert outs[0].dtype == torch.float32 and torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    if kind != "ibn":  # IBN's IN channels differ from BN by design
+        with torch.no_grad(), domain_labels(net.eval(), TARGET):
+            torch.testing.assert_close(net(x), base.eval()(x))
