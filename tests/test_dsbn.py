@@ -184,16 +184,21 @@ def test_dann_with_dsbn_resumes_bit_identically(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["ibn", "mixstyle", "dsbn"])
 def test_style_norms_on_cuda_bf16_channels_last(kind):
-    """A labelled [source; target] batch trains (finite bf16 outputs and gradients, the same
-    outputs from the same seed) and, at evaluation, the network is BN's on the BN channels."""
+    """Converted, the network is BN's at evaluation (IBN: but for its IN channels); a labelled
+    [source; target] batch trains (finite bf16 outputs and gradients, the same outputs from
+    the same seed)."""
     import torchvision
 
     torch.manual_seed(0)
-    base = torchvision.models.resnet18().cuda().to(memory_format=torch.channels_last)
+    base = torchvision.models.resnet18().cuda().to(memory_format=torch.channels_last).eval()
     options = {"mixstyle_p": 1.0} if kind == "mixstyle" else {}
-    net = convert_norm(copy.deepcopy(base), kind, options).train()
+    net = convert_norm(copy.deepcopy(base), kind, options)
     x, labels = concat_domains(*(torch.randn(4, 3, 64, 64, device="cuda")
                                  .to(memory_format=torch.channels_last) for _ in range(2)))
+    if kind != "ibn":
+        with torch.no_grad(), domain_labels(net, TARGET):
+            torch.testing.assert_close(net(x), base(x))
+    net.train()
     outs = []
     for _ in range(2):
         torch.manual_seed(5)
@@ -204,6 +209,3 @@ def test_style_norms_on_cuda_bf16_channels_last(kind):
     assert outs[0].dtype == torch.float32 and torch.isfinite(outs[0]).all()
     assert torch.equal(outs[0], outs[1])
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
-    if kind != "ibn":  # IBN's IN channels differ from BN by design
-        with torch.no_grad(), domain_labels(net.eval(), TARGET):
-            torch.testing.assert_close(net(x), base.eval()(x))
