@@ -108,6 +108,9 @@ def test_placement_after_the_chosen_stages_keeps_bn_and_its_state_dict():
     convert_norm(net, "mixstyle")
     assert [n for n, m in net.named_modules() if isinstance(m, MixStyle)] == hooked
     assert len(net.layer1[1]._forward_hooks) == 1
+    # a network converted in eval mode stays BN's: the new layers take the block's mode
+    evaluated = convert_norm(copy.deepcopy(bn_net).eval(), "mixstyle", {"mixstyle_p": 1.0})
+    torch.testing.assert_close(evaluated(x), bn_net.eval()(x))
 
 
 def test_placement_on_digitnet_and_mobilenet_v2():

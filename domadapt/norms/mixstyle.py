@@ -113,6 +113,7 @@ class MixStyleNorm(NormKind):
         for k in chosen:
             _, block = found[k - 1][-1]
             if not isinstance(getattr(block, "mixstyle", None), MixStyle):
-                block.add_module("mixstyle", MixStyle(hp.mixstyle_p, hp.mixstyle_alpha))
+                mix = MixStyle(hp.mixstyle_p, hp.mixstyle_alpha).train(block.training)
+                block.add_module("mixstyle", mix)
                 block.register_forward_hook(_apply_mixstyle)
         return model
