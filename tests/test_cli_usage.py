@@ -43,8 +43,8 @@ def test_completion_follows_the_registries(run_cli, monkeypatch) -> None:
 
 
 def test_completion_can_be_installed(run_cli) -> None:
-    code, out, _ = run_cli("--show-completion", "bash")
-    assert code == 0 and "_DOMADAPT_COMPLETE=complete_bash" in out
+    code, out, err = run_cli("--show-completion", "bash")
+    assert code == 0 and "_DOMADAPT_COMPLETE=complete_bash" in out, (code, err)
 
 
 def test_exit_codes(run_cli, tmp_path) -> None:
