@@ -22,7 +22,7 @@ def gates(
     Per layer in network order: depth, channels, mean rho, fractions < 0.1 and > 0.9, a
     10-bin histogram over [0, 1]. Fails with one line for a run without BIN layers.
     """
-    from domadapt.analysis.gates import HIGH, LOW
+    from domadapt.norms.gates import HIGH, LOW
     from domadapt.analysis.report import default_out, gates_report
 
     _, totals = gates_report(run_dir, out)
