@@ -23,21 +23,20 @@ from cli.main import stop_on_sigterm
 from domadapt.config import RunConfig
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json
-from domadapt.rundir import run_lock
+from domadapt.rundir import cell_dir, run_lock
 from domadapt.sweep import (
     FAILED,
     LocalLauncher,
     ProcessLauncher,
     SubmititLauncher,
     SweepPlan,
-    _worker_main,
     build_grid,
-    cell_dir,
     make_launcher,
     parse_seeds,
     run_sweep,
     split_list,
 )
+from domadapt.sweep.launchers import _worker_main
 from domadapt.system import usable_cores
 from domadapt.tables import Layout
 
