@@ -36,7 +36,7 @@ from domadapt.sweep import (
     run_sweep,
     split_list,
 )
-from domadapt.sweep.launchers import _worker_main
+from domadapt.sweep.launchers.local import _worker_main
 from domadapt.system import usable_cores
 from domadapt.tables import Layout
 

@@ -16,8 +16,8 @@ through, waited for and run if it was left unfinished. Tables are rebuilt after 
 Each invocation rewrites sweep.json with its own grid (the tables show that grid). Slurm jobs
 keep running when the sweep command itself is interrupted; a re-run collects them.
 
-Modules: `grid` (parsing the lists, `plan_sweep`), `launchers` (the `LAUNCHERS` registry and
-the built-in launchers, with the cell outcome a launcher yields), `loop` (`run_cell`,
+Modules: `grid` (parsing the lists, `plan_sweep`), `launchers/` (the `LAUNCHERS` registry and
+the cell outcome a launcher yields in `base`, one module per launcher), `loop` (`run_cell`,
 `run_sweep`). The names other code uses are re-exported here, lazily (PEP 562), so reading the
 `LAUNCHERS` registry (the CLI's --launcher help) does not import the tables.
 """

@@ -1,5 +1,5 @@
-"""Launchers: how a sweep's cells run (in this process, worker processes, Slurm jobs through
-submitit), looked up by name in `LAUNCHERS`."""
+"""The `local` launcher: the cells one after another in this process, or with several workers
+in spawned worker processes (`ProcessLauncher`), one GPU each where there are GPUs."""
 
 from __future__ import annotations
 
@@ -9,39 +9,23 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from domadapt.config import RunConfig
 from domadapt.errors import UserError
-from domadapt.registry import Registry
+from domadapt.sweep.launchers.base import (
+    FAILED,
+    Cell,
+    CellFn,
+    CellResult,
+    Launcher,
+    register_launcher,
+)
 from domadapt.system import usable_cores
-
-# Cell outcomes.
-RAN, FINISHED, BUSY, FAILED = "ran", "finished", "busy", "failed"
-
-Cell = tuple[RunConfig, Path]  # a config and its run dir
-
-
-@dataclass(frozen=True)
-class CellResult:
-    """What happened to one cell: RAN (here), FINISHED (by someone else), BUSY or FAILED."""
-
-    run_dir: Path
-    status: str
-    error: str | None = None
-
-
-CellFn = Callable[[RunConfig, Path], CellResult]
-
-
-class Launcher(Protocol):
-    def launch(self, fn: CellFn, cells: Sequence[Cell]) -> Generator[CellResult, None, None]:
-        """Run `fn` on every cell; yield the results as cells complete."""
 
 
 class LocalLauncher:
@@ -222,37 +206,6 @@ def _kill_group(leader: int) -> None:
             os.killpg(leader, signal.SIGKILL)
 
 
-@dataclass(frozen=True)
-class SubmititLauncher:
-    """One job per cell through submitit (Slurm; `cluster="local"` or `"debug"` for tests)."""
-
-    folder: Path
-    parameters: dict[str, Any] = field(default_factory=dict)  # executor.update_parameters
-    cluster: str | None = None  # None: Slurm when sbatch is found, else local processes
-    poll_seconds: float = 10.0
-
-    def launch(self, fn: CellFn, cells: Sequence[Cell]) -> Generator[CellResult, None, None]:
-        try:
-            import submitit
-        except ImportError:
-            raise UserError("--launcher submitit needs the submitit package: "
-                            "pip install 'domadapt[slurm]'") from None
-        executor = submitit.AutoExecutor(folder=self.folder, cluster=self.cluster)
-        try:
-            executor.update_parameters(**self.parameters)
-        except (ValueError, TypeError, NameError) as e:
-            raise UserError(f"--slurm: {e}") from None
-        with executor.batch():
-            jobs = [executor.submit(fn, cfg, run_dir) for cfg, run_dir in cells]
-        run_dirs = {id(job): run_dir for job, (_, run_dir) in zip(jobs, cells)}
-        for job in submitit.helpers.as_completed(jobs, poll_frequency=self.poll_seconds):
-            try:
-                yield job.result()
-            except Exception as e:  # noqa: BLE001 -- the job failed (time limit, node)
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                yield CellResult(run_dirs[id(job)], FAILED, f"job {job.job_id}: {first}")
-
-
 def visible_gpus(device: str) -> list[str]:
     """CUDA device ids to hand out, one per worker: CUDA_VISIBLE_DEVICES or every GPU for
     `auto`/`cuda`; none for `cpu` or an explicit device such as `cuda:1`."""
@@ -263,26 +216,6 @@ def visible_gpus(device: str) -> list[str]:
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
-
-
-class LauncherBuilder(Protocol):
-    def __call__(self, *, workers: int | None, device: str, sweep_dir: Path,
-                 slurm: dict[str, Any] | None) -> Launcher:
-        """A Launcher for the sweep in `sweep_dir`; UserError for options it cannot use."""
-
-
-# name -> builder; a plug-in launcher registers here (`register_launcher`), the CLI's
-# --launcher choices, help and completion read it.
-LAUNCHERS: Registry[LauncherBuilder] = Registry("launcher")
-
-
-def register_launcher(name: str) -> Callable[[LauncherBuilder], LauncherBuilder]:
-    """Decorator: register a launcher builder under `name` (twice: ValueError)."""
-
-    def add(builder: LauncherBuilder) -> LauncherBuilder:
-        return LAUNCHERS.register(name, builder)
-
-    return add
 
 
 @register_launcher("local")
@@ -302,22 +235,3 @@ def local_launcher(*, workers: int | None, device: str, sweep_dir: Path,
     if workers == 1:
         return LocalLauncher()
     return ProcessLauncher(workers, threads=max(1, cores // workers), gpus=tuple(gpus))
-
-
-@register_launcher("submitit")
-def submitit_launcher(*, workers: int | None, device: str, sweep_dir: Path,
-                      slurm: dict[str, Any] | None) -> Launcher:
-    """One Slurm job per cell (submitit), with `slurm` over the defaults."""
-    if workers is not None:
-        raise UserError("--workers applies to --launcher local (submitit runs a job per cell)")
-    defaults: dict[str, Any] = {"timeout_min": 24 * 60, "nodes": 1, "tasks_per_node": 1}
-    if device != "cpu":
-        defaults["gpus_per_node"] = 1
-    return SubmititLauncher(Path(sweep_dir) / "submitit", {**defaults, **(slurm or {})})
-
-
-def make_launcher(name: str, *, workers: int | None, device: str, sweep_dir: Path,
-                  slurm: dict[str, Any] | None = None) -> Launcher:
-    """The launcher registered as `name` (unknown: UserError naming the choices)."""
-    return LAUNCHERS.get(name)(workers=workers, device=device, sweep_dir=Path(sweep_dir),
-                               slurm=slurm)
