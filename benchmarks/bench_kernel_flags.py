@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_bin import build, make_step
 
 from domadapt.nn import BatchInstanceNorm2d
-from domadapt.nn import bin as bin_module
+from domadapt.nn import bin_kernel as kernels
 
 OLD_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
 # MobileNetV2's BN shapes at 64 px input (C, H = W), one of each kind
@@ -47,10 +47,10 @@ def build_kernels(tmp: Path) -> dict[str, ctypes.CDLL]:
     if cc is None:
         sys.exit("bench_kernel_flags: needs a C compiler")
     src = tmp / "bin_kernels.c"
-    src.write_bytes(bin_module.kernel_source().encode())
+    src.write_bytes(kernels.kernel_source().encode())
     libs = {}
-    for name, flags in (("old", OLD_FLAGS), ("new", bin_module.kernel_flags()),
-                        ("nothreads", bin_module.kernel_flags(threads=False))):
+    for name, flags in (("old", OLD_FLAGS), ("new", kernels.kernel_flags()),
+                        ("nothreads", kernels.kernel_flags(threads=False))):
         so = tmp / f"{name}.so"
         subprocess.run([cc, *flags, str(src), "-o", str(so), "-lm"], check=True)
         libs[name] = ctypes.CDLL(str(so))
@@ -60,10 +60,10 @@ def build_kernels(tmp: Path) -> dict[str, ctypes.CDLL]:
 
 def use(lib: ctypes.CDLL | None) -> None:
     """Make the BIN layer call `lib` (None: the torch path)."""
-    bin_module._c_tried, bin_module._c_lib = True, lib
+    kernels._c_tried, kernels._c_lib = True, lib
     if lib is not None:
-        bin_module._c_fns.clear()
-        bin_module._bind(lib)
+        kernels._c_fns.clear()
+        kernels._bind(lib)
 
 
 def interleave(fns: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, list]:

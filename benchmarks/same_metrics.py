@@ -6,7 +6,9 @@ For each run directory: its config.json's configuration is trained afresh into a
 directory (CPU, quiet) and every entry of the new metrics.json except the timing and device
 ones is compared with the recorded one, exactly (bit-identical floats). Prints one line per run
 and exits 1 if any differs. Bit-identity holds on the machine (CPU, torch build, BIN kernel)
-that recorded the runs; elsewhere a difference may be floating-point, not the code.
+that recorded the runs; elsewhere a difference may be floating-point, not the code. The first
+line names the code that ran: a script's folder, not the checkout, is on sys.path, so run it
+with PYTHONPATH=<checkout> unless that checkout is the one installed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import domadapt
 from domadapt.config import RunConfig
+from domadapt.nn.bin_kernel import kernel_info
 from domadapt.train import run
 
 NOT_COMPARED = {"wall_seconds", "train_seconds", "images_per_second", "device"}
@@ -34,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished run directories")
     args = parser.parse_args(argv)
+    print(f"code: {Path(domadapt.__file__).parent}; BIN kernel: {kernel_info()['kernel']}")
     failed = 0
     for run_dir in args.runs:
         info = json.loads((run_dir / "config.json").read_text())

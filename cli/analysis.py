@@ -22,8 +22,8 @@ def gates(
     Per layer in network order: depth, channels, mean rho, fractions < 0.1 and > 0.9, a
     10-bin histogram over [0, 1]. Fails with one line for a run without BIN layers.
     """
-    from domadapt.analysis.gates import HIGH, LOW
     from domadapt.analysis.report import default_out, gates_report
+    from domadapt.norms.gates import HIGH, LOW
 
     _, totals = gates_report(run_dir, out)
     where = default_out(run_dir, out)

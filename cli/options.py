@@ -22,6 +22,7 @@ from domadapt.data import list_datasets
 from domadapt.errors import UsageError, UserError
 from domadapt.methods import METHODS
 from domadapt.norms import NORMS
+from domadapt.sweep.launchers import LAUNCHERS
 
 PANEL_PLUGINS = "Method / norm options"
 
@@ -34,6 +35,7 @@ REGISTRY_NAMES: dict[str, Callable[[], Iterable[str]]] = {
     "backbone": lambda: [*BACKBONES.names(), *(f"{f}:" for f in FAMILIES.names())],
     "dataset": lambda: [d.name for d in list_datasets()],
     "preset": lambda: PRESETS,
+    "launcher": LAUNCHERS.names,
 }
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from domadapt.errors import UserError
+from domadapt.sweep.launchers import LAUNCHERS
 
 from .options import config_options, option, usage_errors
 from .train import Device, Preset, Quiet
@@ -33,8 +34,10 @@ Multidomain = Annotated[bool, option("--multidomain/--no-multidomain", panel=_G,
                                    help="also one multi-domain run per norm and seed")]
 Results = Annotated[Path | None, option("--results",
                                       help="where the tables go (default: the sweep directory)")]
-Launcher = Annotated[str, option("--launcher", panel=_L,
-                               help="local | submitit (one Slurm job per cell)")]
+Launcher = Annotated[str, option(
+    "--launcher", panel=_L, registry="launcher",
+    help=" | ".join(LAUNCHERS.names()) + " (local: this process or --workers processes; "
+         "submitit: one Slurm job per cell)")]
 SweepWorkers = Annotated[int | None, option(
     "--workers", panel=_L,
     help="parallel worker processes for --launcher local (default: one per GPU, else one per "

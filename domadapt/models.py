@@ -1,4 +1,5 @@
-"""The domain-adaptation model: a backbone, a bottleneck and a classifier.
+"""Building the domain-adaptation model of a run (`build_model`; the network, `DomainAdaptModel`,
+lives in `domadapt.nn.model`): a backbone, a bottleneck and a classifier.
 
     x --backbone--> h (feature_dim) --bottleneck--> f (bottleneck_dim) --classifier--> logits
 
@@ -11,38 +12,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
-
 from domadapt.backbones import build_backbone
 from domadapt.errors import UserError
-from domadapt.nn import Bottleneck
-from domadapt.nn.domains import Domains, domain_labels
+from domadapt.nn.model import DomainAdaptModel
 from domadapt.norms import convert_norm, count_norm_layers
 
 if TYPE_CHECKING:
     from domadapt.config import RunConfig
-
-
-class DomainAdaptModel(nn.Module):
-    """backbone -> bottleneck (Linear-BN1d-ReLU) -> linear classifier.
-
-    `forward(x, domains=None)` returns `(logits, features)`, `features` being the bottleneck
-    output; `domains` (an int or a per-sample tensor) labels the batch for domain-aware norm
-    layers (`domadapt.nn.domains`).
-    """
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, bottleneck_dim: int,
-                 num_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.feature_dim = feature_dim
-        self.bottleneck = Bottleneck(feature_dim, bottleneck_dim)
-        self.classifier = nn.Linear(bottleneck_dim, num_classes)
-
-    def forward(self, x: Tensor, domains: Domains = None) -> tuple[Tensor, Tensor]:
-        with domain_labels(self, domains):
-            features = self.bottleneck(self.backbone(x))
-        return self.classifier(features), features
 
 
 def build_model(cfg: RunConfig, num_classes: int, *,

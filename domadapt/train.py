@@ -31,7 +31,8 @@ from domadapt.distributed import DistContext, distributed_context
 from domadapt.engine import NonFiniteLoss, Trainer
 from domadapt.errors import UserError
 from domadapt.models import DomainAdaptModel, build_model
-from domadapt.nn.bin import BatchInstanceNorm2d, kernel_info
+from domadapt.nn.bin import BatchInstanceNorm2d
+from domadapt.nn.bin_kernel import kernel_info
 from domadapt.provenance import (
     code_version,
     hardware,

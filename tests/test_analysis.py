@@ -10,9 +10,9 @@ from torch import nn
 from domadapt.analysis.adistance import proxy_a_distance
 from domadapt.analysis.confusion import confusion_frame, confusion_matrix, per_class_accuracy
 from domadapt.analysis.features import extract_features
-from domadapt.analysis.gates import HIST_COLUMNS, gate_totals, summarize_gates
 from domadapt.analysis.tsne import subsample_indices, tsne_embedding
 from domadapt.errors import UserError
+from domadapt.norms.gates import HIST_COLUMNS, gate_totals, summarize_gates
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -118,8 +118,8 @@ def _bin_net() -> nn.Module:
 
 
 def test_gate_summary_of_a_model_with_hand_set_gates():
-    from domadapt.analysis.gates import gate_summary
     from domadapt.nn import mean_gate
+    from domadapt.norms.gates import gate_summary
 
     net = _bin_net()
     with torch.no_grad():
@@ -140,8 +140,8 @@ def test_gate_summary_of_a_model_with_hand_set_gates():
 
 def test_gate_totals_agree_with_the_trainer_metrics():
     """metrics.json's mean_gate / gate_frac_below_0.1 and the gate report share one definition."""
-    from domadapt.analysis.gates import gate_summary
     from domadapt.nn import gate_fraction_below, gate_parameters, mean_gate
+    from domadapt.norms.gates import gate_summary
 
     net, gen = _bin_net(), torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -154,7 +154,7 @@ def test_gate_totals_agree_with_the_trainer_metrics():
 
 
 def test_gate_summary_without_bin_layers_is_a_user_error():
-    from domadapt.analysis.gates import gate_summary
+    from domadapt.norms.gates import gate_summary
 
     with pytest.raises(UserError, match="no BIN layers"):
         gate_summary(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))

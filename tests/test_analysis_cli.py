@@ -93,7 +93,7 @@ def _one_line_error(code: int, out: str, err: str, message: str) -> None:
 
 
 def test_gates_report(runs, run_cli, tmp_path):
-    from domadapt.analysis.gates import gate_summary
+    from domadapt.norms.gates import gate_summary
 
     code, out, err = run_cli("gates", runs["bin"], "--out", tmp_path)
     assert code == 0, err

@@ -23,7 +23,7 @@ from domadapt.nn import (
     gate_values,
     mean_gate,
 )
-from domadapt.nn import bin as bin_module
+from domadapt.nn import bin_kernel as kernels
 from domadapt.norms import convert_norm
 
 C = 5
@@ -78,8 +78,8 @@ def tols(dtype: torch.dtype) -> dict[str, float]:
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a CPU test through the compiled C kernels and through the pure-torch path."""
     if request.param == "torch":
-        monkeypatch.setattr(bin_module, "_c_library", lambda: None)
-    elif bin_module._c_library() is None:
+        monkeypatch.setattr(kernels, "_c_library", lambda: None)
+    elif kernels._c_library() is None:
         pytest.skip("C kernels unavailable here (no C compiler, or DOMADAPT_BIN_KERNEL=torch)")
     return request.param
 
@@ -91,7 +91,7 @@ def check_matches_reference(training: bool, dtype: torch.dtype, channels_last: b
     ref = ReferenceBIN(fused).train(training)
     for step in range(3):
         x = batch(step, dtype, channels_last).to(device).requires_grad_()
-        uses_c = bin_module._c_library_for(x, fused.rho, fused.weight, fused.bias) is not None
+        uses_c = kernels.c_library_for(x, fused.rho, fused.weight, fused.bias) is not None
         assert uses_c == (kernel == "c")
         x_ref = x.detach().clone().requires_grad_()
         y, y_ref = fused(x), ref(x_ref)
@@ -164,27 +164,27 @@ def test_float32_accuracy_with_large_offsets(channels_last: bool, kernel: str) -
 
 def test_without_compiler_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """No C compiler: no library, no error, and the layer still equals the reference."""
-    monkeypatch.setattr(bin_module, "_c_lib", None)
-    monkeypatch.setattr(bin_module, "_c_tried", False)
+    monkeypatch.setattr(kernels, "_c_lib", None)
+    monkeypatch.setattr(kernels, "_c_tried", False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("DOMADAPT_CACHE", str(tmp_path / "cache"))
-    assert bin_module._c_library() is None
+    assert kernels._c_library() is None
     assert not (tmp_path / "cache").exists()
     check_matches_reference(True, torch.float32, True)
 
 
 def test_c_kernels_build_into_the_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """With a compiler, the first use builds one library into the cache; the next reuses it."""
-    if bin_module._c_library() is None:
+    if kernels._c_library() is None:
         pytest.skip("C kernels unavailable here (no C compiler, or DOMADAPT_BIN_KERNEL=torch)")
-    monkeypatch.setattr(bin_module, "_c_lib", None)
-    monkeypatch.setattr(bin_module, "_c_tried", False)
+    monkeypatch.setattr(kernels, "_c_lib", None)
+    monkeypatch.setattr(kernels, "_c_tried", False)
     monkeypatch.setenv("DOMADAPT_CACHE", str(tmp_path))
-    assert bin_module._c_library() is not None
+    assert kernels._c_library() is not None
     (built,) = tmp_path.iterdir()
     assert built.name.startswith("bin_kernels_") and built.suffix == ".so"
-    monkeypatch.setattr(bin_module, "_c_tried", False)
-    assert bin_module._c_library() is not None and list(tmp_path.iterdir()) == [built]
+    monkeypatch.setattr(kernels, "_c_tried", False)
+    assert kernels._c_library() is not None and list(tmp_path.iterdir()) == [built]
 
 
 # sha256 of the kernel source: the bytes of the `_C_SOURCE` string it was moved out of (commit
@@ -194,18 +194,18 @@ KERNEL_SOURCE_SHA256 = "060fac8586ff4e0dc06aeb5e36dd33ce9c86a30e454966fa6daabc45
 
 
 def test_kernel_source_is_package_data_with_pinned_bytes() -> None:
-    source = bin_module.kernel_source()
+    source = kernels.kernel_source()
     assert hashlib.sha256(source.encode()).hexdigest() == KERNEL_SOURCE_SHA256
-    assert (Path(bin_module.__file__).parent / "bin_kernels.c").read_bytes() == source.encode()
+    assert (Path(kernels.__file__).parent / "bin_kernels.c").read_bytes() == source.encode()
 
 
 @pytest.fixture
 def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A C-kernel state of its own for one test (restored afterwards); returns its cache dir."""
-    monkeypatch.setattr(bin_module, "_c_lib", None)
-    monkeypatch.setattr(bin_module, "_c_tried", False)
-    monkeypatch.setattr(bin_module, "_c_fns", dict(bin_module._c_fns))
-    monkeypatch.setattr(bin_module, "_kernel", {})
+    monkeypatch.setattr(kernels, "_c_lib", None)
+    monkeypatch.setattr(kernels, "_c_tried", False)
+    monkeypatch.setattr(kernels, "_c_fns", dict(kernels._c_fns))
+    monkeypatch.setattr(kernels, "_kernel", {})
     monkeypatch.delenv("DOMADAPT_BIN_KERNEL", raising=False)
     cache = tmp_path / "home" / "cache"
     monkeypatch.setenv("DOMADAPT_CACHE", str(cache))
@@ -233,7 +233,7 @@ def test_untrusted_cached_library_is_refused(threat: str, fresh_kernel: Path, tm
     cc = fake_compiler(tmp_path / "cc", 'while [ $# -gt 0 ]; do [ "$1" = -o ] && : > "$2"; '
                                         "shift; done")
     monkeypatch.setenv("CC", str(cc))
-    assert bin_module._c_library() is None
+    assert kernels._c_library() is None
     assert fresh_kernel.stat().st_mode & 0o777 == 0o700
     (lib,) = fresh_kernel.glob("bin_kernels_*.so")
     assert lib.stat().st_mode & 0o777 == 0o700
@@ -243,33 +243,33 @@ def test_untrusted_cached_library_is_refused(threat: str, fresh_kernel: Path, tm
         monkeypatch.setattr(os, "getuid", lambda: uid + 1)
     else:
         lib.chmod(0o720 if threat == "group-writable" else 0o702)
-    monkeypatch.setattr(bin_module, "_c_tried", False)
-    assert bin_module._c_library() is None
+    monkeypatch.setattr(kernels, "_c_tried", False)
+    assert kernels._c_library() is None
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torch path" in err[0] and "not owned by this user" in err[0]
     assert "set DOMADAPT_CACHE" in err[0]
-    assert bin_module.kernel_info()["kernel"] == "torch"
+    assert kernels.kernel_info()["kernel"] == "torch"
 
 
 def test_openmp_flags_by_platform(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Linux: -fopenmp. macOS: Homebrew's libomp where installed, else no threads (one flag
     set to try); the rest of the flags are the same everywhere."""
-    common = ["-O3", *bin_module._isa_flags(), "-ffp-contract=off", "-fno-math-errno"]
+    common = ["-O3", *kernels._isa_flags(), "-ffp-contract=off", "-fno-math-errno"]
     monkeypatch.setattr(platform, "system", lambda: "Linux")
-    assert bin_module.kernel_flags() == [*common, "-fopenmp", "-fPIC", "-shared"]
-    assert bin_module._flag_sets()[1] == [*common, "-fopenmp-simd", "-fPIC", "-shared"]
+    assert kernels.kernel_flags() == [*common, "-fopenmp", "-fPIC", "-shared"]
+    assert kernels._flag_sets()[1] == [*common, "-fopenmp-simd", "-fPIC", "-shared"]
 
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
-    monkeypatch.setattr(bin_module, "HOMEBREW_PREFIXES", ())
+    monkeypatch.setattr(kernels, "HOMEBREW_PREFIXES", ())
     monkeypatch.setenv("HOMEBREW_PREFIX", str(tmp_path))
-    assert bin_module._flag_sets() == [[*common, "-fopenmp-simd", "-fPIC", "-shared"]]
+    assert kernels._flag_sets() == [[*common, "-fopenmp-simd", "-fPIC", "-shared"]]
     omp = tmp_path / "opt" / "libomp"
     (omp / "include").mkdir(parents=True)
     (omp / "include" / "omp.h").touch()
-    assert bin_module.kernel_flags() == [
+    assert kernels.kernel_flags() == [
         *common, "-Xpreprocessor", "-fopenmp", f"-I{omp / 'include'}", f"-L{omp / 'lib'}",
         "-lomp", "-fPIC", "-shared"]
-    assert len(bin_module._flag_sets()) == 2
+    assert len(kernels._flag_sets()) == 2
 
 
 @posix_only
@@ -278,7 +278,7 @@ def test_build_without_openmp_gives_the_same_results(fresh_kernel: Path, tmp_pat
     """A compiler that rejects -fopenmp (Apple's clang) gets the kernels without threads
     (-fopenmp-simd), whose results on one thread equal the OpenMP build's bit for bit."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None or "-fopenmp" not in bin_module._flag_sets()[0]:
+    if cc is None or "-fopenmp" not in kernels._flag_sets()[0]:
         pytest.skip("needs a C compiler with -fopenmp")
 
     def outputs() -> list[Tensor]:
@@ -287,7 +287,7 @@ def test_build_without_openmp_gives_the_same_results(fresh_kernel: Path, tmp_pat
         for channels_last in (False, True):
             layer = random_bin(torch.float32)
             x = batch(0, torch.float32, channels_last).requires_grad_()
-            assert bin_module._c_library_for(x, layer.rho, layer.weight, layer.bias) is not None
+            assert kernels.c_library_for(x, layer.rho, layer.weight, layer.bias) is not None
             y = layer(x)
             out += [y, *torch.autograd.grad(y, [x, layer.rho, layer.weight], torch.ones_like(y))]
         return out
@@ -297,14 +297,14 @@ def test_build_without_openmp_gives_the_same_results(fresh_kernel: Path, tmp_pat
     try:
         monkeypatch.setenv("CC", cc)
         with_openmp = outputs()
-        assert "-fopenmp" in bin_module.kernel_info()["flags"]
-        monkeypatch.setattr(bin_module, "_c_tried", False)
+        assert "-fopenmp" in kernels.kernel_info()["flags"]
+        monkeypatch.setattr(kernels, "_c_tried", False)
         no_openmp = fake_compiler(tmp_path / "cc", f'for a in "$@"; do [ "$a" = -fopenmp ] && '
                                                    f'exit 1; done; exec {cc} "$@"')
         monkeypatch.setenv("CC", str(no_openmp))
         without = outputs()
-        assert "-fopenmp-simd" in bin_module.kernel_info()["flags"]
-        assert "-fopenmp" not in bin_module.kernel_info()["flags"]
+        assert "-fopenmp-simd" in kernels.kernel_info()["flags"]
+        assert "-fopenmp" not in kernels.kernel_info()["flags"]
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(with_openmp, without):

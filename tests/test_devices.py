@@ -13,7 +13,7 @@ from domadapt.backbones.base import use_channels_last
 from domadapt.distributed import distributed_context, resolve_device
 from domadapt.engine import autocast_dtype
 from domadapt.errors import UserError
-from domadapt.nn import bin as bin_module
+from domadapt.nn import bin_kernel as kernels
 from domadapt.provenance import hardware
 from domadapt.sweep import LocalLauncher, make_launcher
 
@@ -58,7 +58,7 @@ def test_mps_unavailable_is_one_line(monkeypatch: pytest.MonkeyPatch, run_cli) -
 def test_bin_off_cpu_takes_the_torch_path() -> None:
     """The C kernels are CPU-only: a tensor on any other device (MPS, CUDA) gets torch ops."""
     x = torch.empty(2, 3, 4, 4, device="meta")
-    assert bin_module._c_library_for(x) is None
+    assert kernels.c_library_for(x) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

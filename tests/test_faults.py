@@ -35,8 +35,8 @@ from domadapt.data.dataset import DomainDataset
 from domadapt.data.loaders import InfiniteLoader
 from domadapt.data.testing import write_image_tree
 from domadapt.errors import UserError
-from domadapt.rundir import RunDir
-from domadapt.sweep import FAILED, LocalLauncher, ProcessLauncher, cell_dir, plan_sweep, run_sweep
+from domadapt.rundir import RunDir, cell_dir
+from domadapt.sweep import FAILED, LocalLauncher, ProcessLauncher, plan_sweep, run_sweep
 from domadapt.train import run
 
 TESTS = Path(__file__).resolve().parent

@@ -62,7 +62,7 @@ def test_installed_package_runs_outside_the_repository(wheel: Path, tmp_path: Pa
             f"assert domadapt.__file__.startswith({str(site)!r}), domadapt.__file__\n"
             "spec = importlib.util.find_spec('cli')  # a dev install may map it to a checkout\n"
             f"assert spec is None or not str(spec.origin).startswith({str(site)!r})\n"
-            "from domadapt.nn.bin import kernel_source\n"
+            "from domadapt.nn.bin_kernel import kernel_source\n"
             "print(len(kernel_source()))")
     check = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120, check=False)

@@ -15,7 +15,7 @@ from test_train import _options, _write_tree
 from domadapt.backbones import build_backbone
 from domadapt.config import make_config
 from domadapt.errors import UserError
-from domadapt.nn import bin as bin_module
+from domadapt.nn import bin_kernel as kernels
 from domadapt.provenance import code_version, file_sha256, portable_command, portable_path
 from domadapt.rundir import RunDir, cell_dir
 from domadapt.train import run
@@ -59,7 +59,7 @@ def test_a_run_records_every_provenance_field(tree, weights, tmp_path, monkeypat
     assert all(len(v) == 16 for v in info["data"]["fingerprint"].values())
     # the BIN kernel that ran
     kernel = prov["bin_kernel"]
-    assert kernel == bin_module.kernel_info()
+    assert kernel == kernels.kernel_info()
     assert kernel["kernel"] in ("c", "torch")
     if kernel["kernel"] == "c":
         assert "-ffp-contract=off" in kernel["flags"] and "-march=native" not in kernel["flags"]

@@ -23,21 +23,20 @@ from cli.main import stop_on_sigterm
 from domadapt.config import RunConfig
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json
-from domadapt.rundir import run_lock
+from domadapt.rundir import cell_dir, run_lock
 from domadapt.sweep import (
     FAILED,
     LocalLauncher,
     ProcessLauncher,
     SubmititLauncher,
     SweepPlan,
-    _worker_main,
     build_grid,
-    cell_dir,
     make_launcher,
     parse_seeds,
     run_sweep,
     split_list,
 )
+from domadapt.sweep.launchers.local import _worker_main
 from domadapt.system import usable_cores
 from domadapt.tables import Layout
 
@@ -338,6 +337,35 @@ def test_make_launcher(tmp_path: Path) -> None:
         make_launcher("no-such-launcher", workers=None, device="cpu", sweep_dir=tmp_path)
     with pytest.raises(UserError, match="--workers must be >= 1"):
         make_launcher("local", workers=0, device="cpu", sweep_dir=tmp_path)
+
+
+def test_a_registered_launcher_is_found_by_name(tmp_path: Path, monkeypatch) -> None:
+    """Launchers are a registry: a plug-in registers a builder, make_launcher finds it by name
+    and hands it the sweep's options; a name registered twice is refused."""
+    from domadapt.sweep import LAUNCHERS, register_launcher
+
+    monkeypatch.setattr(LAUNCHERS, "_items", dict(LAUNCHERS._items))  # restored afterwards
+    seen = {}
+
+    @register_launcher("x-serial")
+    def build(*, workers, device, sweep_dir, slurm):
+        seen.update(workers=workers, device=device, sweep_dir=sweep_dir, slurm=slurm)
+        return LocalLauncher()
+
+    assert isinstance(make_launcher("x-serial", workers=3, device="cpu", sweep_dir=tmp_path),
+                      LocalLauncher)
+    assert seen == {"workers": 3, "device": "cpu", "sweep_dir": tmp_path, "slurm": None}
+    assert LAUNCHERS.names() == ("local", "submitit", "x-serial")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_launcher("local")(build)
+
+
+def test_launcher_help_and_completion_come_from_the_registry(run_cli) -> None:
+    code, out, _ = run_cli("sweep", "--help")
+    assert code == 0 and "local | submitit" in out
+    from cli.options import complete
+
+    assert complete("launcher")("sub") == ["submitit"]
 
 
 def test_submitit_launcher_one_job_per_cell(tmp_path: Path, monkeypatch) -> None:

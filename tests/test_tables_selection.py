@@ -411,7 +411,7 @@ def test_versus_gates_pool_only_paired_runs(tmp_path: Path, run_cli) -> None:
     0.9 6/8 vs 2/8."""
     import numpy as np
 
-    from domadapt.analysis.gates import RECORD, summarize_gates
+    from domadapt.norms.gates import RECORD, summarize_gates
 
     a, b = make_sweep(tmp_path / "a"), make_lr_sweep(tmp_path / "b")
     l1 = np.array([0.05, 0.5, 0.95, 1.0])
@@ -451,7 +451,7 @@ def test_versus_gates_need_records_on_both_sides(tmp_path: Path, run_cli) -> Non
     (all 1), B only in Al->Be seeds 0 and 1 (all 0), so each side pools those 2 runs."""
     import numpy as np
 
-    from domadapt.analysis.gates import RECORD, summarize_gates
+    from domadapt.norms.gates import RECORD, summarize_gates
 
     a, b = make_sweep(tmp_path / "a"), make_lr_sweep(tmp_path / "b")
     for run in (a / "runs").glob("*_bin_*"):

@@ -13,9 +13,9 @@ Reports (run dirs in, CSV/JSON/PNG out), behind `domadapt gates | analyze | comp
 from domadapt.analysis.adistance import ADistance, proxy_a_distance
 from domadapt.analysis.confusion import confusion_matrix, per_class_accuracy
 from domadapt.analysis.features import Features, extract_features
-from domadapt.analysis.gates import gate_summary, gate_totals, summarize_gates
 from domadapt.analysis.report import analyze_report, compare_report, gates_report
 from domadapt.analysis.tsne import tsne_embedding
+from domadapt.norms.gates import gate_summary, gate_totals, summarize_gates
 
 __all__ = [
     "ADistance",

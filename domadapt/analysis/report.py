@@ -20,11 +20,11 @@ from torch.utils.data import Dataset, Subset
 from domadapt.analysis.adistance import C_GRID, proxy_a_distance
 from domadapt.analysis.confusion import confusion_frame, confusion_matrix, per_class_accuracy
 from domadapt.analysis.features import Features, extract_features
-from domadapt.analysis.gates import HIGH, LOW, gate_totals, summarize_gates
 from domadapt.analysis.tsne import subsample_indices, tsne_embedding
 from domadapt.config import RunConfig
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_csv, atomic_write_json, read_json
+from domadapt.norms.gates import HIGH, LOW, gate_totals, summarize_gates
 
 ANALYSIS_DIRNAME = "analysis"
 FEATURE_KINDS = ("backbone", "bottleneck")  # where the proxy A-distance is measured

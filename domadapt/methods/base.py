@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from domadapt.registry import NoHparams, Registry, make_hparams
 
 if TYPE_CHECKING:
-    from domadapt.models import DomainAdaptModel
+    from domadapt.nn.model import DomainAdaptModel
 
 
 class StepOutput(NamedTuple):

@@ -62,6 +62,6 @@ class BatchInstanceNorm(NormKind):
         return ("mean_gate", f"gate_frac_below_{GATE_LOW}")
 
     def records(self, model: nn.Module) -> dict[str, pd.DataFrame]:
-        from domadapt.analysis.gates import RECORD, gate_summary
+        from domadapt.norms.gates import RECORD, gate_summary
 
         return {RECORD: gate_summary(model)}

@@ -1,0 +1,118 @@
+"""The grid: the command line's lists parsed into RunConfigs, one per cell, and the sweep's
+record (`plan_sweep`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from domadapt.config import RunConfig, make_config
+from domadapt.errors import UserError
+from domadapt.tables import Layout, dataset_layout
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The cells of a sweep, how its tables are laid out, and its record for sweep.json."""
+
+    configs: tuple[RunConfig, ...]
+    layout: Layout
+    record: dict[str, Any]
+
+
+def split_list(text: str, option: str) -> list[str]:
+    """`a,b,,a` -> [a, b]: comma-separated, stripped, de-duplicated; UserError when empty."""
+    items = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not items:
+        raise UserError(f"{option} is empty")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = []
+    for item in split_list(text, "--seeds"):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise UserError(f"--seeds: {item!r} is not an integer") from None
+    return seeds
+
+
+def resolve_tasks(dataset: str, root: str | Path | None, text: str) -> list[tuple[str, str]]:
+    """`all` -> every ordered pair of distinct domains; else `S:T,S:T` (full or short names,
+    `S->T` also accepted) resolved to full names, in the dataset's canonical order."""
+    from domadapt.data import get_dataset
+
+    spec = get_dataset(dataset)
+    canonical = spec.tasks(root)
+    if text.strip().lower() == "all":
+        return canonical
+    tasks = set()
+    for item in split_list(text, "--tasks"):
+        source, sep, target = item.replace("->", ":").partition(":")
+        if not sep or not source.strip() or not target.strip():
+            raise UserError(f"--tasks: {item!r} is not SOURCE:TARGET")
+        task = (spec.resolve_domain(source, root), spec.resolve_domain(target, root))
+        if task[0] == task[1]:
+            raise UserError(f"--tasks: {item!r} has the same source and target domain")
+        tasks.add(task)
+    return [t for t in canonical if t in tasks]
+
+
+def build_grid(
+    tasks: Sequence[tuple[str, str]],
+    methods: Sequence[str],
+    norms: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    multidomain: bool,
+    preset: str | None = None,
+    **options: Any,
+) -> list[RunConfig]:
+    """Every cell: seeds outermost (a whole seed finishes first), then tasks, methods, norms;
+    with `multidomain`, one multi-domain cell per norm closes each seed. `options` are
+    RunConfig fields (None = preset/default)."""
+    cells = []
+    for seed in seeds:
+        cells += [make_config(preset, **options, setting="transfer", source=s, target=t,
+                              method=m, norm=n, seed=seed)
+                  for s, t in tasks for m in methods for n in norms]
+        if multidomain:
+            cells += [make_config(preset, **options, setting="multidomain",
+                                  method="source-only", norm=n, seed=seed) for n in norms]
+    return cells
+
+
+def plan_sweep(
+    *,
+    dataset: str,
+    root: str | None,
+    tasks: str,
+    methods: str,
+    norms: str,
+    seeds: str,
+    multidomain: bool,
+    preset: str | None = None,
+    command: str = "",
+    **options: Any,
+) -> SweepPlan:
+    """Parse the grid options (as typed on the command line) into a SweepPlan."""
+    from domadapt.data import get_dataset, resolve_root
+
+    method_list, norm_list = split_list(methods, "--methods"), split_list(norms, "--norms")
+    seed_list = parse_seeds(seeds)
+    spec = get_dataset(dataset)
+    data_root = str(resolve_root(spec, root))
+    task_list = resolve_tasks(spec.name, data_root, tasks)
+    configs = build_grid(task_list, method_list, norm_list, seed_list, multidomain=multidomain,
+                         preset=preset, dataset=spec.name, root=data_root, **options)
+    layout = dataset_layout(spec.name, data_root, task_list, method_list, norm_list, multidomain)
+    record = {
+        "command": command, "dataset": spec.name, "root": data_root, "preset": preset,
+        "tasks": [list(t) for t in task_list], "methods": method_list, "norms": norm_list,
+        "seeds": seed_list, "multidomain": multidomain,
+        "options": {k: v for k, v in options.items() if v is not None},
+    }
+    return SweepPlan(tuple(configs), layout, record)
