@@ -156,6 +156,7 @@ def test_a_sweep_records_its_command_with_relative_paths(run_cli, tmp_path, monk
     assert code == 0, err
     record = json.loads((out / "sweep.json").read_text())
     assert "--out sweeps/s" in record["command"] and str(tmp_path) not in record["command"]
+    assert not os.path.isabs(record["root"])
     (run_dir,) = (out / "runs").iterdir()
     info = json.loads((run_dir / "config.json").read_text())
     assert str(tmp_path) not in json.dumps(info)

@@ -18,6 +18,7 @@ from domadapt.data.registry import check_outside_root
 from domadapt.errors import UserError
 from domadapt.io import atomic_write_json, atomic_write_text
 from domadapt.progress import progress
+from domadapt.provenance import portable_path
 from domadapt.rundir import ERROR, METRICS, RECORD, RUNS_DIR, RunDir, cell_dir, run_lock
 from domadapt.sweep.grid import SweepPlan
 from domadapt.sweep.launchers import (
@@ -97,8 +98,9 @@ def run_sweep(
         check_outside_root(sweep_dir, root)
         check_outside_root(results_dir, root, "--results")
     _make_dirs(sweep_dir / RUNS_DIR, results_dir)
+    record = {**plan.record, **({"root": portable_path(root)} if root else {})}
     atomic_write_json(sweep_dir / RECORD, {
-        **plan.record, "results": os.path.relpath(results_dir, sweep_dir), "layout": plan.layout.to_dict(),
+        **record, "results": os.path.relpath(results_dir, sweep_dir), "layout": plan.layout.to_dict(),
         "runs": [str(d.relative_to(sweep_dir)) for _, d in cells],
     })
     in_process = isinstance(launcher, LocalLauncher)
