@@ -49,10 +49,12 @@ def register(app: typer.Typer) -> None:
 
 def _run(options: dict[str, Any], out: Path, preset: str | None, device: str, quiet: bool,
          **fixed: Any) -> dict[str, Any]:
+    from domadapt.data import get_dataset
     from domadapt.train import run
 
     with usage_errors():
         cfg = make_config(preset, **options, **fixed)
+        get_dataset(cfg.dataset)  # an unknown name is a usage error, found before any work
     try:
         return run(cfg, out, device=device, quiet=quiet)
     except KeyboardInterrupt:

@@ -55,6 +55,9 @@ def test_exit_codes(run_cli, tmp_path) -> None:
     assert code == 2 and "same domain" in err and err.count("\n") == 1
     code, _, err = run_cli("train", "--norm")  # click's own usage error
     assert code == 2 and err.count("\n") == 1
+    for args in (("train", "--source", "a", "--target", "b"), ("sweep",)):
+        code, _, err = run_cli(*args, "--dataset", "no-such-dataset", "--out", tmp_path / "x")
+        assert code == 2 and "unknown dataset" in err and err.count("\n") == 1, args
 
 
 def test_help_wraps_to_the_terminal(run_cli, monkeypatch) -> None:
