@@ -114,8 +114,7 @@ def evidence_frame(sweep_dir: Path, *, method: str = "dann", baseline: str = "bn
     for i in (i for i in iters if i < final):
         specs.append((SECONDARY, "trajectory", f"{tb} - {bb}, iteration {i}",
                       logged("target_acc", i), treatment, baseline))
-    adabn = pd.concat([last(label=lambda r: r.config["norm"]),
-                       last("target_acc_adabn", lambda r: r.config["norm"] + "+adabn")],
+    adabn = pd.concat([primary, last("target_acc_adabn", lambda r: r.config["norm"] + "+adabn")],
                       ignore_index=True)
     specs += [(SECONDARY, "adabn", f"{tb} - {bb}+AdaBN", adabn, treatment, baseline + "+adabn"),
               (SECONDARY, "adabn", f"{tb}+AdaBN - {bb}+AdaBN", adabn, treatment + "+adabn",

@@ -189,7 +189,7 @@ def quote_few(names: list[str], k: int = 3) -> str:
 
 
 def _materialize_styledigits() -> Path:
-    return styledigits.ensure_styledigits(default_cache_dir())
+    return styledigits.ensure_styledigits(cache_dir())
 
 
 OFFICEHOME_CLASSES = (
@@ -308,11 +308,6 @@ def get_dataset(name: str) -> DatasetSpec:
         if spec.name == name.strip().lower():
             return spec
     raise UserError(f"unknown dataset {name!r}; choose from {', '.join(s.name for s in _DATASETS)}")
-
-
-def default_cache_dir() -> Path:
-    """Where generated datasets go: `domadapt.io.cache_dir()`."""
-    return cache_dir()
 
 
 def resolve_root(spec: DatasetSpec, root: str | Path | None) -> Path:
