@@ -296,9 +296,18 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
+    @property
+    def eval_workers(self) -> int:
+        """Data-loading processes of an evaluation pass: none on CPU, where the dataset's
+        decoded-image cache (`domadapt.data.dataset`) then lives in this process and is reused
+        by every later pass (workers would decode every image again on every pass, on the
+        cores the forward pass needs); --num-workers on an accelerator. Same batches either
+        way, so the same numbers."""
+        return 0 if self.device.type == "cpu" else self.cfg.num_workers
+
     def _outputs(self, model: nn.Module, name: str) -> tuple[Tensor, Tensor, Tensor]:
         return outputs(model, self.data.evals[name], batch_size=2 * self.cfg.batch_size,
-                       num_workers=self.cfg.num_workers, device=self.device,
+                       num_workers=self.eval_workers, device=self.device,
                        autocast=self.autocast(), channels_last=self.channels_last,
                        domain=eval_domain(self.cfg, name))
 
@@ -330,7 +339,7 @@ class Trainer:
         for name in self.data.targets:
             batches = (to_device(x, self.device, self.channels_last) for x, _ in
                        eval_loader(self.data.evals[name], 2 * self.cfg.batch_size,
-                                   self.cfg.num_workers, pin_memory=self.device.type == "cuda"))
+                                   self.eval_workers, pin_memory=self.device.type == "cuda"))
             with self.autocast(), domain_labels(self.model, eval_domain(self.cfg, name)):
                 adapted = adapt_batch_stats(self.model, batches)
             logits, _, labels = self._outputs(adapted, name)

@@ -130,3 +130,22 @@ def test_a_last_batch_of_one_sample_joins_the_one_before():
     torch.testing.assert_close(adapted[0].running_mean, mean)
     torch.testing.assert_close(adapted[0].running_var, var)
     assert int(adapted[3].num_batches_tracked) == 3
+
+
+def test_statistics_pass_leaves_the_target_batches_untouched():
+    # the moments are taken in place in a float64 copy: never in a float64 input itself
+    batches = _batches()
+    kept = [b.clone() for b in batches]
+    adapt_batch_stats(_net().double(), batches)
+    assert all(torch.equal(b, k) for b, k in zip(batches, kept, strict=True))
+
+
+def test_one_batch_gives_the_two_pass_float64_moments_bit_for_bit():
+    x = _batches()[0].float()
+    bn = nn.BatchNorm2d(3).train()
+    adapted = adapt_batch_stats(nn.Sequential(bn), [x])[0]
+    xd = x.double()
+    mean = xd.mean((0, 2, 3))
+    var = (xd - mean[None, :, None, None]).square().sum((0, 2, 3)) / (xd.numel() // 3 - 1)
+    assert torch.equal(adapted.running_mean, mean.float())
+    assert torch.equal(adapted.running_var, var.float())

@@ -95,3 +95,17 @@ def test_own_update_methods_train_from_the_cli(tiny_tree, tmp_path, run_cli, met
     assert "target accuracy (last iteration)" in stdout
     options = json.loads((out / "config.json").read_text())["config"]["method_options"]
     assert options[option[0][2:].replace("-", "_")] == float(option[1])
+
+
+def test_cpu_evaluation_reads_images_in_this_process_with_the_same_numbers(tiny_tree, tmp_path):
+    # on CPU no worker processes: the eval datasets' image cache fills here and is reused
+    cfg = resolve_config(tiny_config(tiny_tree, "dann", adabn=True, num_workers=2))
+    data = build_data(cfg)
+    trainer = engine.Trainer(cfg, data, RunDir(tmp_path / "r"), DistContext(torch.device("cpu")),
+                             quiet=True)
+    assert trainer.eval_workers == 0
+    first = trainer.evaluate()
+    assert all(ds.cached == len(ds) for ds in data.evals.values())
+    with pytest.MonkeyPatch.context() as m:  # the same passes through 2 worker processes
+        m.setattr(engine.Trainer, "eval_workers", 2)
+        assert trainer.evaluate() == first
