@@ -113,16 +113,19 @@ def evidence(
     method: Annotated[str, typer.Option(help="The method whose runs are compared.")] = "dann",
     baseline: Annotated[str, typer.Option(help="Norm b of a - b.")] = "bn",
     treatment: Annotated[str, typer.Option(help="Norm a of a - b.")] = "bin",
+    gates_beside: Annotated[Path | None, typer.Option(
+        help="Another sweep's tables folder whose gates (gates_by_layer.csv) the figure shows "
+             "beside this sweep's, e.g. results/styledigits.", show_default=False)] = None,
 ) -> None:
     """The pre-registered analysis of TREATMENT against BASELINE (results/pacs-long/README.md):
     the primary comparison at the last evaluation and the secondary family (trajectory,
     AdaBN, selection rules, gate knockout, each domain left out), tasks as units, secondary
-    p-values Holm-corrected; writes evidence.csv/.md beside the sweep's tables.
+    p-values Holm-corrected; writes evidence.csv/.md/.png beside the sweep's tables.
     """
     from domadapt.analysis.evidence import evidence_report
 
     for path in evidence_report(sweep_dir, method=method, baseline=baseline,
-                                treatment=treatment):
+                                treatment=treatment, gates_beside=gates_beside):
         typer.echo(f"wrote {path}")
 
 

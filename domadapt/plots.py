@@ -139,6 +139,50 @@ def gates_sweep_figure(gates: pd.DataFrame, title: str,
     return fig
 
 
+def evidence_figure(trajectory: pd.DataFrame, gates: pd.DataFrame, title: str) -> Figure:
+    """The converged-evidence picture (`analysis.evidence`). Left: the mean difference
+    (points) with its 95 % interval over task means (bars) at every evaluation (`trajectory`:
+    iteration, mean_diff, ci_low, ci_high, n_tasks). Middle: mean gate per BIN layer against
+    relative depth (layer index / (layers - 1)), one line per group of `gates`
+    (`gates_by_layer.csv` rows with a `group` column). Right: the share of all gates in each
+    tenth of [0, 1] per group, log scale (a bimodal distribution has mass at both ends)."""
+    fig = new_figure(13.0, 4.2)
+    left, middle, right = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.2, 1.2, 1]})
+    t = trajectory.dropna(subset=["mean_diff"])
+    err = np.vstack([t["mean_diff"] - t["ci_low"], t["ci_high"] - t["mean_diff"]])
+    left.errorbar(t["iteration"], t["mean_diff"], yerr=np.nan_to_num(err), fmt="o-",
+                  color="tab:blue", capsize=3)
+    for it, m, n in zip(t["iteration"], t["mean_diff"], t["n_tasks"], strict=True):
+        left.annotate(f"n={n}", (it, m), xytext=(4, 4), textcoords="offset points", fontsize=6)
+    left.axhline(0.0, color="grey", linewidth=0.8)
+    left.set_xlabel("iteration")
+    left.set_ylabel("target accuracy difference (points)")
+    left.set_title("difference, 95 % t interval over tasks", fontsize=9)
+    hist = [c for c in gates.columns if c.startswith("hist_")]
+    groups = list(gates.groupby("group", sort=False))
+    width = 0.8 / max(len(groups), 1)
+    for i, (label, g) in enumerate(groups):
+        g = g.sort_values("depth")
+        color = _colors(len(groups))[i]
+        rel = (g["depth"] - g["depth"].min()) / max(g["depth"].max() - g["depth"].min(), 1)
+        middle.plot(rel, g["mean"], color=color, marker="o", markersize=3, label=label)
+        counts = g[hist].sum().to_numpy(dtype=float)
+        right.bar(np.arange(len(hist)) + (i - (len(groups) - 1) / 2) * width,
+                  counts / max(counts.sum(), 1.0), width=width, color=color, label=label)
+    middle.set_ylim(-0.03, 1.03)
+    middle.set_xlabel("relative depth of the BIN layer (0 = first, 1 = last)")
+    middle.set_ylabel("mean gate ρ over runs (1 = BN)")
+    if groups:
+        middle.legend(fontsize=7, loc="lower right")
+    right.set_yscale("log")
+    right.set_xticks(np.arange(len(hist)), [f"{k / 10:.1f}" for k in range(len(hist))],
+                     fontsize=7)
+    right.set_xlabel("gate ρ, bin starting at")
+    right.set_ylabel("share of all gates")
+    fig.suptitle(title)
+    return fig
+
+
 def tsne_figure(
     xy: np.ndarray,
     domain: np.ndarray,

@@ -24,6 +24,6 @@ for sweep in pacs pacs/long pacs-long; do
     $D gate-knockout "results/$sweep" --quiet > /dev/null
 done
 if compgen -G "results/pacs-long/runs/*/metrics.json" > /dev/null; then
-    $D evidence results/pacs-long > /dev/null
+    $D evidence results/pacs-long --gates-beside results/styledigits > /dev/null
 fi
 echo "results/: tables rebuilt from the committed run records"

@@ -87,3 +87,28 @@ def test_evidence_cli_writes_csv_and_markdown(sweep: Path, run_cli) -> None:
     assert len(pd.read_csv(sweep / "evidence.csv")) == len(evidence_frame(sweep))
     code, _, err = run_cli("evidence", sweep, "--baseline", "in")
     assert code != 0 and err.strip().count("\n") == 0
+
+
+def test_trajectory_rows_carry_their_iteration(sweep: Path) -> None:
+    frame = evidence_frame(sweep).set_index("comparison")
+    assert frame.at["BIN - BN, last evaluation", "iteration"] == 10
+    assert frame.at["BIN - BN, iteration 5", "iteration"] == 5
+    assert pd.isna(frame.at["BIN - BN+AdaBN", "iteration"])
+
+
+def test_evidence_figure_with_gates_beside_another_sweep(sweep: Path, tmp_path: Path,
+                                                         run_cli) -> None:
+    pytest.importorskip("matplotlib")
+    beside = tmp_path / "scratch"
+    beside.mkdir()
+    hist = {f"hist_{k / 10:.1f}_{(k + 1) / 10:.1f}": [1, 0] for k in range(10)}
+    pd.DataFrame({"setting": "transfer", "method": "dann", "norm": "bin", "depth": [0, 1],
+                  "layer": ["a", "b"], "n_runs": 3, "channels": 4, "mean": [0.2, 0.9],
+                  "min": [0.0, 0.5], **hist}).to_csv(beside / "gates_by_layer.csv", index=False)
+    code, out, err = run_cli("evidence", sweep, "--gates-beside", beside)
+    assert code == 0, err
+    png = (sweep / "evidence.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and "evidence.png" in out
+    assert "--gates-beside" in (sweep / "evidence.md").read_text()  # the command, as run
+    code, _, err = run_cli("evidence", sweep, "--gates-beside", tmp_path / "nowhere")
+    assert code == 1 and "gates_by_layer.csv: not found" in err and err.count("\n") == 1

@@ -40,7 +40,7 @@ from domadapt.io import read_json
 
 PRIMARY, SECONDARY, ORACLE = "primary", "secondary", "oracle (not tested)"
 LABEL_FREE_RULES = ("source", "dev", "entropy", "snd")
-COLUMNS = ("family", "group", "comparison", "n_tasks", "n_pairs", "mean_diff", "ci_low",
+COLUMNS = ("family", "group", "comparison", "iteration", "n_tasks", "n_pairs", "mean_diff", "ci_low",
            "ci_high", "p_value", "p_holm", "verdict")
 
 
@@ -111,7 +111,9 @@ def evidence_frame(sweep_dir: Path, *, method: str = "dann", baseline: str = "bn
                   baseline))
     iters = sorted({int(i) for r in runs if r.log is not None for i in r.log["iter"]})
     final = max((int(r.config["iters"]) for r in runs), default=0)
+    at = {f"{tb} - {bb}, last evaluation": final}
     for i in (i for i in iters if i < final):
+        at[f"{tb} - {bb}, iteration {i}"] = i
         specs.append((SECONDARY, "trajectory", f"{tb} - {bb}, iteration {i}",
                       logged("target_acc", i), treatment, baseline))
     adabn = pd.concat([primary, last("target_acc_adabn", lambda r: r.config["norm"] + "+adabn")],
@@ -154,9 +156,10 @@ def evidence_frame(sweep_dir: Path, *, method: str = "dann", baseline: str = "bn
                       f"{tb} - {bb}, last evaluation, without {layout.short_names[domain]}",
                       primary[primary["task"].isin(keep)], treatment, baseline))
 
-    rows = [{"family": fam, "group": group, "comparison": name, **_compare(frame, a, b)}
-            for fam, group, name, frame, a, b in specs]
-    out = pd.DataFrame(rows)
+    rows = [{"family": fam, "group": group, "comparison": name,
+             "iteration": at.get(name) if group in ("primary", "trajectory") else None,
+             **_compare(frame, a, b)} for fam, group, name, frame, a, b in specs]
+    out = pd.DataFrame(rows).astype({"iteration": "Int64"})
     secondary = out["family"] == SECONDARY
     out["p_holm"] = math.nan
     if secondary.any():
@@ -199,11 +202,18 @@ NOTE = (
 
 
 def evidence_report(sweep_dir: str | Path, *, method: str = "dann", baseline: str = "bn",
-                    treatment: str = "bin") -> list[Path]:
-    """evidence.csv and evidence.md beside the sweep's tables. Returns the paths written."""
+                    treatment: str = "bin", gates_beside: Path | None = None) -> list[Path]:
+    """evidence.csv, evidence.md and evidence.png (`plots.evidence_figure`: the trajectory of
+    the difference, and the treatment's gates beside those of `gates_beside`, another sweep's
+    tables folder) beside the sweep's tables. Returns the paths written."""
     from domadapt.analysis.report import find_tables
-    from domadapt.tables import write_csv_atomic, write_markdown_parts
+    from domadapt.plots import require_matplotlib
+    from domadapt.tables import GATES_BY_LAYER, write_csv_atomic, write_markdown_parts
 
+    if gates_beside is not None and not (Path(gates_beside) / GATES_BY_LAYER).is_file():
+        raise UserError(f"{Path(gates_beside) / GATES_BY_LAYER}: not found (--gates-beside "
+                        "needs a sweep's tables folder)")
+    require_matplotlib()
     sweep_dir = Path(sweep_dir)
     frame = evidence_frame(sweep_dir, method=method, baseline=baseline, treatment=treatment)
     out_dir = find_tables(sweep_dir)
@@ -228,8 +238,35 @@ def evidence_report(sweep_dir: str | Path, *, method: str = "dann", baseline: st
                 if (frame["family"] == fam).any()]
     md = write_markdown_parts(out_dir / "evidence.md",
                               f"{treatment.upper()} against {baseline.upper()} under {method}",
-                              NOTE, sections, f"domadapt evidence {sweep_dir}")
-    return [csv, md]
+                              NOTE, sections, f"domadapt evidence {sweep_dir}"
+                              + (f" --gates-beside {gates_beside}" if gates_beside else ""))
+    return [csv, md, _figure(frame, out_dir, method, treatment, baseline, gates_beside)]
+
+
+def _figure(frame: pd.DataFrame, out_dir: Path, method: str, treatment: str, baseline: str,
+            gates_beside: Path | None) -> Path:
+    """evidence.png: the primary and trajectory rows, and the treatment's transfer gates of
+    this sweep and of `gates_beside` (their gates_by_layer.csv)."""
+    from domadapt.plots import evidence_figure, save_png
+    from domadapt.tables import GATES_BY_LAYER
+
+    trajectory = frame[frame["group"].isin(["primary", "trajectory"])].sort_values("iteration")
+    gates = []
+    for folder in (out_dir, gates_beside):
+        if folder is None or not (Path(folder) / GATES_BY_LAYER).is_file():
+            continue  # this sweep without BIN gate records: the gate panels stay empty
+        g = pd.read_csv(Path(folder) / GATES_BY_LAYER)
+        g = g[(g["setting"] == "transfer") & (g["method"] == method)
+              & (g["norm"] == treatment)]
+        if len(g):
+            runs = int(g["n_runs"].max())
+            gates.append(g.assign(group=f"{Path(folder).name}: {method} {treatment} "
+                                        f"({runs} run{'s' if runs != 1 else ''})"))
+    path = out_dir / "evidence.png"
+    save_png(evidence_figure(trajectory, pd.concat(gates) if gates else pd.DataFrame(
+        columns=["group", "depth", "mean"]), f"{treatment.upper()} - {baseline.upper()} under "
+        f"{method}: trajectory and gates"), path)
+    return path
 
 
 def _fmt(value: float, *, signed: bool = False) -> str:
