@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from domadapt.backbones import BACKBONES, FAMILIES
-from domadapt.config import PRESETS, core_fields, plugin_options
+from domadapt.config import PRESETS, SETTING_DEFAULTS, core_fields, plugin_options
 from domadapt.data import list_datasets
 from domadapt.errors import UsageError, UserError
 from domadapt.methods import METHODS
@@ -81,10 +81,12 @@ def _field_type(annotation: Any) -> type:
     return str
 
 
-def config_parameters(exclude: set[str]) -> list[inspect.Parameter]:
-    """One keyword parameter per RunConfig field and plug-in option not in `exclude`."""
-    params = [_parameter(f.name, _field_type(f.type), f.metadata["help"], f.default,
-                         f.metadata["panel"])
+def config_parameters(exclude: set[str], setting: str | None = None) -> list[inspect.Parameter]:
+    """One keyword parameter per RunConfig field and plug-in option not in `exclude`; the
+    defaults shown are `setting`'s (`config.SETTING_DEFAULTS`) where it has its own."""
+    own = SETTING_DEFAULTS.get(setting or "", {})
+    params = [_parameter(f.name, _field_type(f.type), f.metadata["help"],
+                         own.get(f.name, f.default), f.metadata["panel"])
               for f in core_fields() if f.metadata.get("cli", True) and f.name not in exclude]
     for name, (spec, owners) in plugin_options().items():
         if name not in exclude:
@@ -93,13 +95,15 @@ def config_parameters(exclude: set[str]) -> list[inspect.Parameter]:
     return params
 
 
-def config_options(exclude: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: the command gets every setting as an option, collected into `options`."""
+def config_options(exclude: tuple[str, ...] = (), setting: str | None = None
+                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the command gets every setting as an option, collected into `options`
+    (`setting`: the command's, whose own defaults its help shows)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(fn, eval_str=True)
         own = [p for p in sig.parameters.values() if p.name != "options"]
-        extra = config_parameters(set(exclude) | {p.name for p in own})
+        extra = config_parameters(set(exclude) | {p.name for p in own}, setting)
         names = {p.name for p in extra}
 
         @functools.wraps(fn)

@@ -24,7 +24,8 @@ SweepOut = Annotated[Path, option("--out",
 Root = Annotated[Path | None, option("--root", help="dataset folder (optional for styledigits)",
                                    panel=_G)]
 Tasks = Annotated[str, option("--tasks", panel=_G,
-                            help="all | S:T,S:T,... (full or short domain names)")]
+                            help="all | none (only the --multidomain / --dg cells) | "
+                            "S:T,S:T,... (full or short domain names)")]
 Methods = Annotated[str, option("--methods", panel=_G, registry="method",
                               help="comma list of methods", default="source-only,dann")]
 Norms = Annotated[str, option("--norms", help="comma list of norms", panel=_G, default="bn,bin",
@@ -32,6 +33,9 @@ Norms = Annotated[str, option("--norms", help="comma list of norms", panel=_G, d
 Seeds = Annotated[str, option("--seeds", help="comma list of integers", panel=_G)]
 Multidomain = Annotated[bool, option("--multidomain/--no-multidomain", panel=_G,
                                    help="also one multi-domain run per norm and seed")]
+DomainGeneralization = Annotated[bool, option(
+    "--dg/--no-dg", panel=_G, help="also the leave-one-domain-out (domain generalization) runs: "
+    "one per held-out domain, norm and seed, source-only, each trained on every other domain")]
 Results = Annotated[Path | None, option("--results",
                                       help="where the tables go (default: the sweep directory)")]
 Launcher = Annotated[str, option(
@@ -56,10 +60,11 @@ SELECT_HELP = (
 
 
 SWEEP_HELP = (
-    "Run every (task, method, norm, seed) cell, each in OUT/runs/<name>-<config hash>.\n\n"
+    "Run every (task, method, norm, seed) cell, each in OUT/runs/<name>-<config hash>; "
+    "with --multidomain and --dg also the multi-domain and leave-one-domain-out cells.\n\n"
     "Re-running skips finished cells and resumes unfinished ones from their checkpoint; "
     "sweeps sharing OUT split the cells between them. The tables (runs.csv, summary.csv, "
-    "transfer_table.csv/.md, multidomain_table.csv/.md, comparison.csv/.md, "
+    "transfer_table.csv/.md, multidomain_table.csv/.md, dg_table.csv/.md, comparison.csv/.md, "
     "selection_table.csv/.md; each run's last evaluation) are rebuilt after every finished cell."
 )
 
@@ -72,7 +77,8 @@ def register(app: typer.Typer) -> None:
     def sweep(
         ctx: typer.Context, dataset: SweepDataset, out: SweepOut, root: Root = None,
         tasks: Tasks = "all", methods: Methods = "source-only,dann", norms: Norms = "bn,bin",
-        seeds: Seeds = "0", multidomain: Multidomain = False, results: Results = None,
+        seeds: Seeds = "0", multidomain: Multidomain = False, dg: DomainGeneralization = False,
+        results: Results = None,
         preset: Preset = None, launcher: Launcher = "local", workers: SweepWorkers = None,
         slurm: Slurm = None, device: Device = "auto", quiet: Quiet = False,
         options: dict[str, Any] | None = None,
@@ -86,7 +92,7 @@ def register(app: typer.Typer) -> None:
                                     slurm=_key_values(slurm or [], "--slurm"))
             plan = plan_sweep(
                 dataset=dataset, root=None if root is None else str(root), tasks=tasks,
-                methods=methods, norms=norms, seeds=seeds, multidomain=multidomain,
+                methods=methods, norms=norms, seeds=seeds, multidomain=multidomain, dg=dg,
                 preset=preset, command=_command_line(ctx), **train_options,
             )
         try:

@@ -1,4 +1,5 @@
-"""`domadapt train` (one source -> target run), `domadapt multidomain` (one model, all domains).
+"""`domadapt train` (one source -> target run), `domadapt multidomain` (one model, all domains),
+`domadapt dg` (domain generalization: every domain but the target -> the unseen target).
 
 Every option left out takes the preset's value, else the RunConfig / plug-in default. Under
 `torchrun --nproc_per_node N -m cli train ...` the run trains with DDP on N processes.
@@ -25,7 +26,7 @@ Quiet = Annotated[bool, option("--quiet", "-q", help="no progress bar")]
 
 
 def register(app: typer.Typer) -> None:
-    """Add `train` and `multidomain` to the top-level app."""
+    """Add `train`, `multidomain` and `dg` to the top-level app."""
 
     @app.command("train")
     @config_options()
@@ -45,6 +46,21 @@ def register(app: typer.Typer) -> None:
                        method="source-only")
         per_domain = "  ".join(f"{d}: {a:.4f}" for d, a in metrics["domain_acc"].items())
         _echo(f"test accuracy  {per_domain}  average: {metrics['avg_acc']:.4f}   -> {out}")
+
+    @app.command("dg")
+    @config_options(exclude=("source",), setting="dg")
+    def dg(out: Out, preset: Preset = None, device: Device = "auto", quiet: Quiet = False,
+           options: dict[str, Any] | None = None) -> None:
+        """Domain generalization (DomainBed's protocol): one model on every domain but
+        --target, pooled (source-only ERM), that never reads a target image while it trains;
+        prints the held-out domain's accuracy (last iteration) and the training-domain
+        validation accuracy (--source-val-fraction of each training domain, default 0.2:
+        `domadapt tables --select source`)."""
+        metrics = _run(options or {}, out, preset, device, quiet, setting="dg")
+        val = metrics["val_source"]
+        held = "none held out" if val is None else f"{val:.4f}"
+        _echo(f"held-out domain accuracy (last iteration): {metrics['target_acc']:.4f}   "
+              f"training-domain validation: {held}   -> {out}")
 
 
 def _run(options: dict[str, Any], out: Path, preset: str | None, device: str, quiet: bool,

@@ -33,7 +33,7 @@ from domadapt.registry import (
 )
 from domadapt.schedules import SCHEDULE_FORMS, check_schedule_options
 
-SETTINGS = ("transfer", "multidomain")
+SETTINGS = ("transfer", "multidomain", "dg")
 PLUGIN_FIELDS = ("method_options", "norm_options")
 
 # Fields that do not change what a run computes: left out of the run key.
@@ -58,9 +58,12 @@ class RunConfig:
 
     dataset: str = config_field("officehome", "officehome | pacs | styledigits | folder", DATA)
     root: str | None = config_field(None, "dataset folder (optional for styledigits)", DATA)
-    setting: str = config_field("transfer", "transfer (source -> target) | multidomain", cli=False)
+    setting: str = config_field("transfer", "transfer (source -> target) | multidomain | dg "
+                                "(every domain but the target -> the target, never seen)",
+                                cli=False)
     source: str | None = config_field(None, "source domain (full or short name)", DATA)
-    target: str | None = config_field(None, "target domain (full or short name)", DATA)
+    target: str | None = config_field(None, "target domain (full or short name; dg: the domain "
+                                      "held out)", DATA)
     method: str = config_field("dann", "training method (`domadapt methods` lists them)")
     norm: str = config_field("bn", "normalization kind (`domadapt methods` lists them)")
     backbone: str = config_field("resnet50", "torchvision BN model name, digitnet or timm:<name>")
@@ -97,7 +100,8 @@ class RunConfig:
     test_fraction: float = config_field(0.2, "multi-domain test share of each domain", DATA)
     source_val_fraction: float = config_field(
         0.0, "hold out this share of the source (stratified, --split-seed) for the val_source "
-        "and val_dev validators; 0: train on all of it, as the references do", EVAL)
+        "and val_dev validators; 0: train on all of it, as the references do. dg: of each "
+        "training domain, default 0.2 (DomainBed's training-domain validation)", EVAL)
     eval_max_images: int | None = config_field(
         None, "evaluate on at most this many images of each evaluation set (a fixed, stratified "
         "subset drawn with --split-seed, the same at every evaluation): fast checks; default: "
@@ -153,6 +157,9 @@ class RunConfig:
             raise UserError("a transfer run needs --source and --target")
         if self.setting == "transfer" and self.source == self.target:
             raise UserError(f"source and target are the same domain: {self.source}")
+        if self.setting == "dg" and (self.target is None or self.source is not None):
+            raise UserError("a dg run needs --target, the domain held out, and no --source "
+                            "(it trains on every other domain)")
         # Resolve the plug-ins' options: defaults filled in, types and ranges checked.
         object.__setattr__(self, "method_options", hparams_dict(make_hparams(
             get_method(self.method).Hparams, dict(self.method_options))))
@@ -214,7 +221,8 @@ class RunConfig:
 
     def name(self) -> str:
         """Readable run name, e.g. `Art-Clipart_dann_bin_s0`."""
-        task = f"{self.source}-{self.target}" if self.setting == "transfer" else "multidomain"
+        task = {"transfer": f"{self.source}-{self.target}", "dg": f"dg-{self.target}"}.get(
+            self.setting, self.setting)
         method = self.method if self.setting == "transfer" else "erm"
         return f"{task}_{method}_{self.norm}_s{self.seed}"
 
@@ -321,10 +329,21 @@ def preset_overrides(name: str | None) -> dict[str, Any]:
     return dict(PRESETS[name])
 
 
+# Defaults of one setting, under the preset and the explicit options (`dg --help` shows them):
+# a DG run is source-only (ERM) and holds out 20 % of each training domain to select on
+# (DomainBed's training-domain validation, its holdout_fraction); the other settings train on
+# every source image.
+SETTING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "dg": {"method": "source-only", "source_val_fraction": 0.2},
+}
+
+
 def make_config(preset: str | None = None, **options: Any) -> RunConfig:
-    """Defaults <- preset <- explicit options (None means 'not given'); `options` may mix
-    core fields and plug-in options (see `route_options`); weights files hashed."""
-    values = preset_overrides(preset)
+    """Defaults <- the setting's defaults (SETTING_DEFAULTS) <- preset <- explicit options
+    (None means 'not given'); `options` may mix core fields and plug-in options (see
+    `route_options`); weights files hashed."""
+    values = dict(SETTING_DEFAULTS.get(options.get("setting") or RunConfig.setting, {}))
+    values.update(preset_overrides(preset))
     values.update({k: v for k, v in options.items() if v is not None})
     return with_weights_hash(route_options(values))
 

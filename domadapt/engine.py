@@ -26,8 +26,9 @@ step, clamp).
 
 log.csv has one row per evaluation: iter, the means of the method's statistics since the
 previous row (e.g. cls_loss, train_acc, domain_loss, disc_acc, grl_coeff), source_acc,
-target_acc (multidomain: the mean of acc_<domain>), the norm's diagnostics (e.g. mean_gate),
-lr (the head lr), <label>_lr for special parameters (e.g. gates_lr), images_per_second.
+target_acc (multidomain: the mean of acc_<domain>; dg: the held-out domain's), the
+validators, the norm's diagnostics (e.g. mean_gate), lr (the head lr), <label>_lr for
+special parameters (e.g. gates_lr), images_per_second.
 
 Distributed (torchrun): `batch_size` is the global batch per domain, split over the ranks;
 gradients are averaged by DDP. Training-window statistics are rank 0's share of each batch;
@@ -62,7 +63,7 @@ from domadapt.progress import progress
 from domadapt.run_state import TrainState, Window, deferred_stop, derive_seed
 from domadapt.rundir import RunDir
 from domadapt.schedules import lr_factor
-from domadapt.settings import RunData, eval_domain, result_accuracy
+from domadapt.settings import RunData, eval_domain, result_accuracy, target_validators
 
 
 class NonFiniteLoss(UserError):
@@ -323,7 +324,8 @@ class Trainer:
                                     for i in range(3))
         source_features = scored["source"][1] if "source" in scored else None
         checks = validators(logits, features, source_features=source_features,
-                            holdout=scored.get("source_val"), seed=self.cfg.seed)
+                            holdout=scored.get("source_val"), seed=self.cfg.seed,
+                            use_target=target_validators(self.cfg))
         if self.cfg.adabn:
             checks["target_acc_adabn"] = self._adabn_accuracy()
         return {"acc": acc, "per_class": per_class_accuracy(logits.argmax(1), labels,

@@ -9,6 +9,8 @@ Validators (computed at every evaluation, without target labels; `domadapt.valid
                  regression domain classifier on bottleneck features of the source training
                  split vs the target
 A validator that cannot be computed for a run is None (an empty cell), never a made-up value.
+In dg only val_source is computed: its model selection never sees the target
+(`domadapt.settings.target_validators`).
 """
 
 from __future__ import annotations
@@ -72,18 +74,20 @@ def per_class_accuracy(preds: Tensor, labels: Tensor,
 def validators(target_logits: Tensor, target_features: Tensor, *,
                source_features: Tensor | None = None,
                holdout: tuple[Tensor, Tensor, Tensor] | None = None,
-               seed: int = 0) -> dict[str, float | None]:
+               seed: int = 0, use_target: bool = True) -> dict[str, float | None]:
     """The validators of one evaluation (module docstring). `holdout` = (logits, features,
-    labels) of the source hold-out, None without one (val_source, val_dev then None)."""
-    out: dict[str, float | None] = {"val_source": None,
-                                    "val_entropy": prediction_entropy(target_logits),
+    labels) of the source hold-out, None without one (val_source, val_dev then None).
+    `use_target` False (dg: selection must not see the target): only val_source."""
+    out: dict[str, float | None] = {"val_source": None, "val_entropy": None,
                                     "val_snd": None, "val_dev": None}
-    if len(target_logits) >= 2:
-        out["val_snd"] = soft_neighborhood_density(target_logits)
+    if use_target:
+        out["val_entropy"] = prediction_entropy(target_logits)
+        if len(target_logits) >= 2:
+            out["val_snd"] = soft_neighborhood_density(target_logits)
     if holdout is not None:
         logits, features, labels = holdout
         out["val_source"] = accuracy(logits.argmax(1), labels)
-        if source_features is not None and len(labels) >= 2:
+        if use_target and source_features is not None and len(labels) >= 2:
             losses = nn.functional.cross_entropy(logits, labels, reduction="none")
             out["val_dev"] = dev_risk(source_features.numpy(), target_features.numpy(),
                                       features.numpy(), losses.numpy(), seed=seed)

@@ -6,7 +6,8 @@ the files in `domadapt.rundir`. metrics.json (written last: the done marker) hol
 of the LAST iteration's evaluation: target_acc, source_acc, per_class_target_acc, the method's
 statistics over the last log window (e.g. cls_loss, domain_loss, disc_acc, train_acc), the
 norm's diagnostics (e.g. mean_gate, gate_frac_below_0.1), iters, wall_seconds, train_seconds,
-images_per_second, run_key, name, world_size, device; multidomain adds domain_acc and avg_acc.
+images_per_second, run_key, name, world_size, device; multidomain adds domain_acc and avg_acc
+(dg: target_acc is the held-out domain's).
 No model selection: target labels are only ever used to report, never to pick anything.
 """
 

@@ -98,7 +98,7 @@ def knockout_run(run_dir: Path, *, device: str = "cpu", root: str | None = None,
 def restat_on_source(model: nn.Module, cfg: RunConfig, *, device: str = "cpu") -> nn.Module:
     """A copy of `model` whose BN / BIN running statistics are re-estimated (`adapt_batch_stats`)
     on the run's source training images with the eval transform (multi-domain: the pooled train
-    splits). No target image is read."""
+    splits; dg: the training domains' images trained on). No target image is read."""
     from domadapt.data import DomainDataset
     from domadapt.data.loaders import eval_loader
     from domadapt.nn.adabn import adapt_batch_stats
@@ -120,6 +120,7 @@ def knockout_frame(sweep_dir: Path, *, device: str = "cpu", root: str | None = N
     from domadapt.progress import progress
     from domadapt.rundir import RunDir
     from domadapt.tables import load_sweep, relative_path
+    from domadapt.tables.records import config_task
 
     layout, runs, _ = load_sweep(sweep_dir)
     bins = [r for r in runs if r.config["norm"] == "bin"]
@@ -140,8 +141,8 @@ def knockout_frame(sweep_dir: Path, *, device: str = "cpu", root: str | None = N
             missing += 1
 
     def cell(cfg: dict[str, Any]) -> tuple[Any, ...]:
-        task = (layout.task_label(cfg["source"], cfg["target"])
-                if cfg["setting"] == "transfer" else MULTIDOMAIN_ROW)
+        task = (MULTIDOMAIN_ROW if cfg["setting"] == "multidomain"
+                else config_task(cfg, layout))
         return cfg["setting"], task, cfg["method"], cfg["seed"]
 
     bn = {cell(r.config): _percent(_scored(r.metrics)) for r in runs if r.config["norm"] == "bn"}

@@ -103,7 +103,10 @@ def analysis_sets(cfg: RunConfig) -> tuple[dict[str, Dataset], tuple[str, ...], 
     transfer:    the whole source domain (trained on) and the whole target domain (adapted
                  to); classification is scored on the target, as in metrics.json.
     multidomain: every domain's test split; scored on all of them (confusion pooled).
+    dg:          every training domain whole (held-out part included) and the held-out domain;
+                 classification is scored on the held-out domain, as in metrics.json.
     """
+    from domadapt.data import DomainDataset, domain_items, get_dataset
     from domadapt.settings import build_data
 
     data = build_data(cfg)
@@ -111,6 +114,12 @@ def analysis_sets(cfg: RunConfig) -> tuple[dict[str, Dataset], tuple[str, ...], 
         assert cfg.source is not None and cfg.target is not None
         sets = {cfg.source: data.evals["source"], cfg.target: data.evals["target"]}
         return sets, (cfg.target,), list(data.classes)
+    if cfg.setting == "dg":
+        assert cfg.target is not None and cfg.root is not None
+        spec, target = get_dataset(cfg.dataset), data.evals["target"]
+        sets = {d: DomainDataset(domain_items(spec, cfg.root, d), target.transform)
+                for d in data.domains if d != cfg.target}
+        return sets | {cfg.target: target}, (cfg.target,), list(data.classes)
     return {d: data.evals[d] for d in data.domains}, tuple(data.domains), list(data.classes)
 
 
@@ -251,6 +260,8 @@ COMPARE_SETTINGS = (  # setting, figure, title, y label
     ("transfer", "transfer_table.png", "Transfer: target accuracy", "target accuracy (%)"),
     ("multidomain", "multidomain_table.png", "Multi-domain: test accuracy",
      "test accuracy (%)"),
+    ("dg", "dg_table.png", "Domain generalization: held-out domain accuracy",
+     "held-out domain accuracy (%)"),
 )
 
 
@@ -294,9 +305,9 @@ def read_summary(tables_dir: Path) -> pd.DataFrame:
 
 
 def compare_report(sweep_dir: str | Path) -> list[Path]:
-    """transfer_table.png (and multidomain_table.png when that table exists) beside the tables
-    of a sweep (`find_tables`); the numbers are those of summary.csv. With BIN gate records
-    (gates_by_layer.csv), also gates.png. Returns the figures."""
+    """transfer_table.png (and multidomain_table.png, dg_table.png when those tables exist)
+    beside the tables of a sweep (`find_tables`); the numbers are those of summary.csv. With
+    BIN gate records (gates_by_layer.csv), also gates.png. Returns the figures."""
     from domadapt import plots
 
     plots.require_matplotlib()

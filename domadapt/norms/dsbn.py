@@ -18,8 +18,8 @@ evaluation, and in training on a batch of one domain, the network starts exactly
 on a mixed batch (DANN's [source; target]) each domain is normalized by its own batch moments
 instead of the mixed ones: that is the method. DSBN needs every training image's domain and a
 trained target branch, so it runs only in the transfer setting with a method that trains on the
-target (`domadapt.settings.check_domains_defined`; source-only and multidomain are refused in
-one line). Departure: the paper's second stage (pseudo-labelled self-training of a
+target (`domadapt.settings.check_domains_defined`; source-only, multidomain and dg are refused
+in one line). Departure: the paper's second stage (pseudo-labelled self-training of a
 target-only network) is not part of the norm; it would be a method.
 """
 

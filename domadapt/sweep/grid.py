@@ -41,14 +41,18 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def resolve_tasks(dataset: str, root: str | Path | None, text: str) -> list[tuple[str, str]]:
-    """`all` -> every ordered pair of distinct domains; else `S:T,S:T` (full or short names,
-    `S->T` also accepted) resolved to full names, in the dataset's canonical order."""
+    """`all` -> every ordered pair of distinct domains; `none` -> no transfer task (a sweep of
+    multi-domain / dg cells only); else `S:T,S:T` (full or short names, `S->T` also
+    accepted) resolved to full names, in the dataset's canonical order."""
     from domadapt.data import get_dataset
 
     spec = get_dataset(dataset)
     canonical = spec.tasks(root)
-    if text.strip().lower() == "all":
+    choice = text.strip().lower()
+    if choice == "all":
         return canonical
+    if choice == "none":
+        return []
     tasks = set()
     for item in split_list(text, "--tasks"):
         source, sep, target = item.replace("->", ":").partition(":")
@@ -68,20 +72,24 @@ def build_grid(
     seeds: Sequence[int],
     *,
     multidomain: bool,
+    dg_domains: Sequence[str] = (),
     preset: str | None = None,
     **options: Any,
 ) -> list[RunConfig]:
     """Every cell: seeds outermost (a whole seed finishes first), then tasks, methods, norms;
-    with `multidomain`, one multi-domain cell per norm closes each seed. `options` are
-    RunConfig fields (None = preset/default)."""
+    with `multidomain`, one multi-domain cell per norm follows, then one leave-one-domain-out
+    (dg) cell per held-out domain in `dg_domains` and norm. Multi-domain and dg cells are
+    source-only (ERM). `options` are RunConfig fields (None = preset/default)."""
     cells = []
     for seed in seeds:
         cells += [make_config(preset, **options, setting="transfer", source=s, target=t,
                               method=m, norm=n, seed=seed)
                   for s, t in tasks for m in methods for n in norms]
+        erm = {**options, "method": "source-only", "seed": seed}
         if multidomain:
-            cells += [make_config(preset, **options, setting="multidomain",
-                                  method="source-only", norm=n, seed=seed) for n in norms]
+            cells += [make_config(preset, **erm, setting="multidomain", norm=n) for n in norms]
+        cells += [make_config(preset, **erm, setting="dg", target=d, norm=n)
+                  for d in dg_domains for n in norms]
     return cells
 
 
@@ -94,25 +102,33 @@ def plan_sweep(
     norms: str,
     seeds: str,
     multidomain: bool,
+    dg: bool = False,
     preset: str | None = None,
     command: str = "",
     **options: Any,
 ) -> SweepPlan:
-    """Parse the grid options (as typed on the command line) into a SweepPlan."""
+    """Parse the grid options (as typed on the command line) into a SweepPlan; `dg`: one
+    leave-one-domain-out cell per domain (a dataset of fewer than 2 domains: UserError)."""
     from domadapt.data import get_dataset, resolve_root
+    from domadapt.settings import held_out_domains
 
     method_list, norm_list = split_list(methods, "--methods"), split_list(norms, "--norms")
     seed_list = parse_seeds(seeds)
     spec = get_dataset(dataset)
     data_root = str(resolve_root(spec, root))
     task_list = resolve_tasks(spec.name, data_root, tasks)
+    dg_domains = held_out_domains(spec, data_root) if dg else []
     configs = build_grid(task_list, method_list, norm_list, seed_list, multidomain=multidomain,
-                         preset=preset, dataset=spec.name, root=data_root, **options)
-    layout = dataset_layout(spec.name, data_root, task_list, method_list, norm_list, multidomain)
+                         dg_domains=dg_domains, preset=preset, dataset=spec.name,
+                         root=data_root, **options)
+    if not configs:
+        raise UserError("the grid is empty: --tasks none needs --multidomain or --dg")
+    layout = dataset_layout(spec.name, data_root, task_list, method_list, norm_list, multidomain,
+                            dg=dg)
     record = {
         "command": command, "dataset": spec.name, "root": data_root, "preset": preset,
         "tasks": [list(t) for t in task_list], "methods": method_list, "norms": norm_list,
-        "seeds": seed_list, "multidomain": multidomain,
+        "seeds": seed_list, "multidomain": multidomain, "dg": dg,
         "options": {k: v for k, v in options.items() if v is not None},
     }
     return SweepPlan(tuple(configs), layout, record)

@@ -14,7 +14,7 @@ be rebuilt at any moment, also while sweeps are writing into the same directory.
 Files written into the results directory:
 
 - `runs.csv`: one row per finished run (accuracies in percent).
-- `summary.csv`: the machine-readable numbers behind both comparison tables, one row per
+- `summary.csv`: the machine-readable numbers behind the display tables, one row per
   (setting, row, method, norm): `n_seeds`, `mean`, `std` in percent (sample std, ddof=1).
 - `transfer_table.csv/.md`: rows = tasks (`Ar->Cl`, ...) in canonical order + `Avg`; one
   column per method/norm, "mean ± std" over seeds (the mean alone for one seed); a
@@ -22,6 +22,8 @@ Files written into the results directory:
   baseline norm (`bn` unless the sweep has none), and a footer row `>= BN` counting the tasks
   where that norm's mean is at least the baseline's.
 - `multidomain_table.csv/.md`: rows = domains + `Avg`; one column per norm, likewise.
+- `dg_table.csv/.md` (domain generalization, `sweep --dg`): rows = held-out domains + `Avg`;
+  one column per norm (DG runs are source-only), likewise; the rows pair like transfer tasks.
 - `comparison.csv/.md`: paired statistics over seeds (`domadapt.stats.all_comparisons`) for
   every norm vs the baseline norm (within each method) and every method vs `source-only`
   (within each norm): per task (row) n paired seeds, mean difference, 95% Student-t interval;
@@ -51,13 +53,16 @@ seeds; only seeds with every row finished count, so a partial column has no aver
 Model selection (`select`): which of a run's logged evaluations (log.csv) the tables report.
 `last` (default) reports metrics.json's numbers and writes the file names above. Any other rule
 writes `transfer_table_select-<rule>.csv/.md`, `multidomain_table_select-<rule>...`,
-`summary_select-<rule>.csv`, `comparison_select-<rule>.csv/.md` and `runs_select-<rule>.csv`
-(the evaluation chosen per run) beside them, never over them: the sweep rewrites the `last`
-tables after every cell, and the headline tables never silently become target-label-selected.
-The Markdown heading names the rule; `oracle` is labelled as using target labels. A multi-domain
-run's rule picks on `target_acc` (the domains' mean); its per-domain numbers (`acc_<domain>`)
-are that row's. A run without log.csv has no evaluations to choose from: fine for `last`, a
-UserError for the other rules (and it is left out of the selection table).
+`dg_table_select-<rule>...`, `summary_select-<rule>.csv`, `comparison_select-<rule>.csv/.md`
+and `runs_select-<rule>.csv` (the evaluation chosen per run) beside them, never over them: the
+sweep rewrites the `last` tables after every cell, and the headline tables never silently
+become target-label-selected. The Markdown heading names the rule; `oracle` is labelled as
+using target labels. A multi-domain run's rule picks on `target_acc` (the domains' mean); its
+per-domain numbers (`acc_<domain>`) are that row's. A dg run records no validator that reads
+the target (val_entropy, val_snd, val_dev), so those rules leave the dg table out; `source`
+is DomainBed's training-domain validation. A run without log.csv has no evaluations to choose
+from: fine for `last`, a UserError for the other rules (and it is left out of the selection
+table).
 """
 
 from domadapt.tables.comparisons import COMPARISON_COLUMNS, stack_comparison

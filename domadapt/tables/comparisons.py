@@ -7,12 +7,12 @@ from typing import Any
 
 import pandas as pd
 
+from domadapt.config import SETTINGS
 from domadapt.stats import all_comparisons
 from domadapt.tables.records import BASELINE_METHOD, FinishedRun, Layout, run_task
 
 AVG = "Avg"
 BASELINE_NORM = "bn"
-SETTINGS = ("transfer", "multidomain")
 # What a run's numbers depend on besides its config (config.json, `domadapt.provenance`):
 # runs compared with each other should share them (`provenance_note`).
 PROVENANCE_FIELDS = {"cpu_capability": "CPU kernel set", "code": "code version", "host": "host"}
@@ -24,13 +24,15 @@ COMPARISON_COLUMNS = ("setting", "comparison", "within", "task", "n", "mean_diff
 
 def comparison_frame(scores: pd.DataFrame, layout: Layout) -> pd.DataFrame:
     """COMPARISON_COLUMNS, per setting (`stats.all_comparisons` over the accuracies in
-    percent, a row = a task or, multi-domain, a domain): for each comparison its per-task rows
+    percent, a row = a task or a domain: multi-domain's test splits, dg's held-out domains):
+    for each comparison its per-task rows
     (n paired seeds, mean difference, 95% t interval) in table order, then a row with task
     `all`: n = pairs over tasks x seeds, their mean difference and Wilcoxon signed-rank test,
     and one with task `task means`: n = tasks, the per-task mean differences' mean, 95% t
     interval and Wilcoxon test (`stats.paired_comparison`). Multi-domain adds, after the
     domains, a row `Avg`: per run (seed) its mean over the domains, paired by seed, so the
-    independent units are the trained models (the domains of one run share its model)."""
+    independent units are the trained models (the domains of one run share its model). A dg
+    row is its own model, like a transfer task, so dg needs no such row."""
     method = (BASELINE_METHOD if BASELINE_METHOD in layout.methods or not layout.methods
               else layout.methods[0])
     order = {label: i for i, label in enumerate(

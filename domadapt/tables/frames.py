@@ -32,13 +32,13 @@ def runs_frame(runs: list[FinishedRun], layout: Layout, sweep_dir: Path) -> pd.D
     columns = [*RUN_COLUMNS[:at], *dict.fromkeys(diagnostics), *RUN_COLUMNS[at:]]
     rows = []
     for run in runs:
-        cfg, transfer = run.config, run.config["setting"] == "transfer"
+        cfg = run.config
         row = {k: cfg[k] for k in ("dataset", "setting", "method", "norm", "backbone", "seed",
                                    "iters")}
         row.update(
             task=run_task(run, layout),
-            source=cfg["source"] if transfer else None,
-            target=cfg["target"] if transfer else None,
+            source=cfg["source"] if cfg["setting"] == "transfer" else None,
+            target=cfg["target"] if cfg["setting"] != "multidomain" else None,
             run_key=run.key,
             run_dir=relative_path(run.run_dir, sweep_dir),
             **run.provenance,
@@ -53,15 +53,16 @@ def runs_frame(runs: list[FinishedRun], layout: Layout, sweep_dir: Path) -> pd.D
 def scores_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
     """Long table of accuracies in percent: setting, row, method, norm, seed, acc.
 
-    A transfer run gives one row (its task, target accuracy); a multi-domain run one per
-    domain (that domain's test accuracy).
+    A transfer run gives one row (its task, target accuracy), a dg run one (its held-out
+    domain, that domain's accuracy); a multi-domain run one per domain (that domain's test
+    accuracy).
     """
     rows = []
     for run in runs:
         cfg = run.config
         base = {k: cfg[k] for k in ("setting", "method", "norm", "seed")}
-        if cfg["setting"] == "transfer":
-            rows.append({**base, "row": layout.task_label(cfg["source"], cfg["target"]),
+        if cfg["setting"] != "multidomain":
+            rows.append({**base, "row": run_task(run, layout),
                          "acc": 100.0 * run.metrics["target_acc"]})
         else:
             rows += [{**base, "row": d, "acc": 100.0 * a}
@@ -112,16 +113,14 @@ RUN_ID = ["run", "setting", "task", "method", "norm", "seed"]
 
 def evaluations_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
     """Every logged evaluation of the runs that have a log.csv: the log's columns (a column
-    some log lacks is empty, NaN, in its rows) plus RUN_ID (run = the run dir, task = `Ar->Cl`
-    or `multidomain`)."""
+    some log lacks is empty, NaN, in its rows) plus RUN_ID (run = the run dir, task = `Ar->Cl`,
+    `multidomain` or, dg, the held-out domain: `run_task`)."""
     parts = []
     for run in runs:
         if run.log is None:
             continue
         cfg, log = run.config, run.log
-        meta = {"run": str(run.run_dir), "setting": cfg["setting"],
-                "task": (layout.task_label(cfg["source"], cfg["target"])
-                         if cfg["setting"] == "transfer" else "multidomain"),
+        meta = {"run": str(run.run_dir), "setting": cfg["setting"], "task": run_task(run, layout),
                 "method": cfg["method"], "norm": cfg["norm"], "seed": cfg["seed"]}
         parts += [{**meta, **row} for row in
                   log.drop(columns=[c for c in meta if c in log.columns]).to_dict("records")]
@@ -151,7 +150,7 @@ def selected_scores(runs: list[FinishedRun], layout: Layout, select: str
     rows = []
     for rec in picked.to_dict("records"):
         base = {k: rec[k] for k in ("setting", "method", "norm", "seed")}
-        if rec["setting"] == "transfer":
+        if rec["setting"] != "multidomain":
             rows.append({**base, "row": rec["task"], "acc": 100.0 * rec["target_acc"]})
             continue
         for domain in by_dir[rec["run"]].metrics["domain_acc"]:
@@ -165,7 +164,8 @@ def selected_scores(runs: list[FinishedRun], layout: Layout, select: str
 
 def unrecorded_settings(evals: pd.DataFrame, rule: str) -> set[str]:
     """Settings none of whose runs recorded the column of `rule` while another setting's runs
-    did (multi-domain runs have no source hold-out, so no val_source / val_dev): that rule's
+    did (multi-domain runs have no source hold-out, so no val_source / val_dev; dg runs read
+    no target, so no val_entropy / val_snd / val_dev): that rule's
     tables leave them out. Empty when no setting recorded it (the rule's check then refuses)."""
     column = get_rule(rule).column
     if column is None or column not in evals.columns:
@@ -190,11 +190,12 @@ def selection_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
 
 def stability_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
     """STABILITY_COLUMNS, in percentage points, per setting, row (task; `multidomain`: the
-    domains' mean), method and norm over the runs with a log.csv: `seed_std`, the sample std
-    over seeds of the reported (last) accuracy; `swing`, per run the range (max - min) of the
-    target accuracy over its evaluations from mid-training on (iter >= iters / 2), as its mean
-    and maximum over seeds. A cell whose swing rivals a difference between columns reports
-    when training stopped as much as what the method does."""
+    domains' mean; dg: the held-out domain), method and norm over the runs with a log.csv:
+    `seed_std`, the sample std over seeds of the reported (last) accuracy; `swing`, per run
+    the range (max - min) of the target accuracy over its evaluations from mid-training on
+    (iter >= iters / 2), as its mean and maximum over seeds. A cell whose swing rivals a
+    difference between columns reports when training stopped as much as what the method
+    does."""
     rows = []
     for run in runs:
         if run.log is None or "target_acc" not in run.log:
@@ -202,9 +203,7 @@ def stability_frame(runs: list[FinishedRun], layout: Layout) -> pd.DataFrame:
         cfg = run.config
         late = run.log.loc[run.log["iter"] >= cfg["iters"] / 2, "target_acc"]
         rows.append({
-            "setting": cfg["setting"],
-            "row": (layout.task_label(cfg["source"], cfg["target"])
-                    if cfg["setting"] == "transfer" else "multidomain"),
+            "setting": cfg["setting"], "row": run_task(run, layout),
             "method": cfg["method"], "norm": cfg["norm"], "seed": cfg["seed"],
             "acc": 100.0 * run.metrics["target_acc"],
             "swing": 100.0 * (late.max() - late.min()) if len(late) else float("nan"),

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from domadapt.config import SETTINGS
 from domadapt.errors import UserError
 from domadapt.io import read_json
 from domadapt.methods import METHODS
@@ -21,7 +22,8 @@ BASELINE_METHOD = "source-only"
 
 @dataclass(frozen=True)
 class Layout:
-    """What the tables show, in order: domains (with short names), task rows, methods, norms."""
+    """What the tables show, in order: domains (with short names), task rows, methods, norms;
+    whether the sweep has multi-domain cells and leave-one-domain-out (dg) cells."""
 
     dataset: str
     domains: tuple[str, ...]
@@ -30,6 +32,12 @@ class Layout:
     methods: tuple[str, ...]
     norms: tuple[str, ...]
     multidomain: bool = False
+    dg: bool = False
+
+    def has(self, setting: str) -> bool:
+        """Whether the sweep has cells of `setting` (its tables are written, maybe empty)."""
+        return {"transfer": bool(self.tasks), "multidomain": self.multidomain,
+                "dg": self.dg}[setting]
 
     def task_label(self, source: str, target: str) -> str:
         """`Ar->Cl` for (Art, Clipart)."""
@@ -46,6 +54,7 @@ class Layout:
             dataset=d["dataset"], domains=tuple(d["domains"]), short_names=dict(d["short_names"]),
             tasks=tuple((s, t) for s, t in d["tasks"]), methods=tuple(d["methods"]),
             norms=tuple(d["norms"]), multidomain=bool(d.get("multidomain", False)),
+            dg=bool(d.get("dg", False)),
         )
 
 
@@ -56,6 +65,7 @@ def dataset_layout(
     methods: Iterable[str],
     norms: Iterable[str],
     multidomain: bool,
+    dg: bool = False,
 ) -> Layout:
     """The Layout of a sweep on `dataset`: tasks sorted into the dataset's canonical order.
     UserError for a task between domains the dataset (at `root`) does not have: runs of two
@@ -76,6 +86,7 @@ def dataset_layout(
         methods=ordered(methods, method_order()),
         norms=ordered(norms, NORMS.names()),
         multidomain=multidomain,
+        dg=dg,
     )
 
 
@@ -112,8 +123,11 @@ def finished_runs(run_dirs: Iterable[Path]) -> list[FinishedRun]:
         info = run_dir.read_config_dict()
         metrics = run_dir.read_metrics()
         _check_fields(run_dir.config_path, info["config"], _CONFIG_FIELDS)
-        if info["config"]["setting"] == "transfer":
-            _check_fields(run_dir.config_path, info["config"], {"source": str, "target": str})
+        setting = info["config"]["setting"]
+        if setting != "multidomain":  # transfer: its task; dg: the domain held out
+            _check_fields(run_dir.config_path, info["config"],
+                          {"source": str, "target": str} if setting == "transfer"
+                          else {"target": str})
         _check_fields(run_dir.metrics_path, metrics, {"target_acc": float})
         if info["config"]["setting"] == "multidomain":
             _check_fields(run_dir.metrics_path, metrics, {"domain_acc": dict})
@@ -132,13 +146,13 @@ _CONFIG_FIELDS = {"dataset": str, "setting": str, "method": str, "norm": str, "s
 
 def _check_fields(path: Path, record: dict[str, Any], fields: dict[str, type]) -> None:
     """UserError naming `path` unless `record` has every field with its type (an int counts
-    as a float, a bool as neither); `setting` must be transfer or multidomain."""
+    as a float, a bool as neither); `setting` must be one of `config.SETTINGS`."""
     for name, kind in fields.items():
         value = record.get(name)
         ok = (isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
               ) and not isinstance(value, bool)
         if ok and name == "setting":
-            ok = value in ("transfer", "multidomain")
+            ok = value in SETTINGS
         if not ok:
             found = repr(value) if name in record else "missing"
             raise UserError(f"corrupt {path}: {name!r} is {found}, expected a {kind.__name__}; "
@@ -184,15 +198,17 @@ def _layout_from_runs(configs: list[dict[str, Any]]) -> Layout:
     tasks = {(c["source"], c["target"]) for c in transfer}
     methods = {c["method"] for c in transfer}
     norms = {c["norm"] for c in configs}
-    multidomain = len(transfer) < len(configs)
+    settings = {c["setting"] for c in configs}
+    multidomain, dg = "multidomain" in settings, "dg" in settings
     try:
         return dataset_layout(configs[0]["dataset"], configs[0].get("root"), tasks, methods,
-                              norms, multidomain)
+                              norms, multidomain, dg=dg)
     except UserError:  # a folder dataset whose root is gone, runs of two folder datasets
-        domains = sorted({d for t in tasks for d in t})
+        domains = sorted({d for t in tasks for d in t}
+                         | {c["target"] for c in configs if c["setting"] == "dg"})
         return Layout(configs[0]["dataset"], tuple(domains), {d: d for d in domains},
-                      tuple(sorted(tasks)), ordered(methods, method_order()), ordered(norms, NORMS.names()),
-                      multidomain)
+                      tuple(sorted(tasks)), ordered(methods, method_order()),
+                      ordered(norms, NORMS.names()), multidomain, dg)
 
 
 def _check_unique(runs: list[FinishedRun]) -> None:
@@ -234,7 +250,13 @@ def relative_path(path: Path, base: Path) -> str:
 
 
 def run_task(run: FinishedRun, layout: Layout) -> str:
-    """A run's row label: its task (e.g. A->C) or `multidomain`."""
-    cfg = run.config
-    return (layout.task_label(cfg["source"], cfg["target"]) if cfg["setting"] == "transfer"
-            else "multidomain")
+    """A run's row label (`config_task`)."""
+    return config_task(run.config, layout)
+
+
+def config_task(cfg: dict[str, Any], layout: Layout) -> str:
+    """The row label of a run's config (config.json's fields): its task (e.g. A->C),
+    `multidomain`, or (dg) the domain it held out."""
+    if cfg["setting"] == "transfer":
+        return layout.task_label(cfg["source"], cfg["target"])
+    return cfg["target"] if cfg["setting"] == "dg" else "multidomain"

@@ -4,6 +4,7 @@ tables and notes, cell formatting, and the atomic CSV / Markdown writers."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -117,27 +118,31 @@ def transfer_tables(scores: pd.DataFrame, layout: Layout,
     return stats, display_table(stats, rows, diffs, "task", count_label(layout), tests)
 
 
-def multidomain_tables(scores: pd.DataFrame, layout: Layout,
-                       comparison: pd.DataFrame | None = None
-                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(stats, display) of the multi-domain setting: one column per norm; the count row's
+def norm_tables(setting: str, index_name: str, scores: pd.DataFrame, layout: Layout,
+                comparison: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(stats, display) of a source-only setting whose rows are domains (multidomain: each
+    domain's test split; dg: each held-out domain): one column per norm; the count row's
     tests pair domains x seeds."""
-    scores = scores[scores["setting"] == "multidomain"]
+    scores = scores[scores["setting"] == setting]
     if comparison is None:
         comparison = comparison_frame(scores, layout)
-    comparison = comparison[comparison["setting"] == "multidomain"]
+    comparison = comparison[comparison["setting"] == setting]
     rows = list(layout.domains)
     stats = aggregate(scores, rows, {n: (None, n) for n in layout.norms})
     base = baseline_norm(layout)
     diffs = {f"{n.upper()} - {base.upper()}": (n, base) for n in other_norms(layout, base)}
     tests = _tests(comparison, {name: (f"norm {n} - {base}", "")
                                 for name, (n, _) in diffs.items()})
-    return stats, display_table(stats, rows, diffs, "domain", count_label(layout), tests)
+    return stats, display_table(stats, rows, diffs, index_name, count_label(layout), tests)
 
+
+multidomain_tables = partial(norm_tables, "multidomain", "domain")
+dg_tables = partial(norm_tables, "dg", "held-out domain")
 
 TABLES = (  # setting, builder, title, what the numbers are
     ("transfer", transfer_tables, "Transfer", "target accuracy"),
     ("multidomain", multidomain_tables, "Multi-domain", "test accuracy per domain"),
+    ("dg", dg_tables, "Domain generalization", "accuracy on the held-out domain"),
 )
 
 
@@ -181,7 +186,7 @@ def selection_note(runs: list[FinishedRun], selection: pd.DataFrame) -> str:
 
 def selection_sections(selection: pd.DataFrame, layout: Layout
                         ) -> list[tuple[str, pd.DataFrame]]:
-    """Rows = rules (RULES order), columns = method/norm (multi-domain: the norm)."""
+    """Rows = rules (RULES order), columns = method/norm (multi-domain, dg: the norm)."""
     sections = []
     for setting, _, title, _ in TABLES:
         part = selection[selection["setting"] == setting]

@@ -68,7 +68,7 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
                                         out_dir / f"runs{sfx}.csv", index=False))
     stats = []
     for setting, build, title, what in TABLES:
-        if not (layout.tasks if setting == "transfer" else layout.multidomain):
+        if not layout.has(setting):
             continue
         if picked is not None and not picked.empty and setting not in set(picked["setting"]):
             chosen += (f" {title} runs did not record {rule.column}: no {setting} tables for "
@@ -82,7 +82,8 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
                 f" rows where X's mean is at least {base}'s, beside it the two-sided Wilcoxon "
                 f"signed-rank p over those n rows' mean paired differences (comparison{sfx}.md, "
                 f"`{OVER_TASKS}`; there also the test over all (row, seed) pairs). "
-                f"`{AVG}`: over the seeds that finished every row. {chosen}")
+                f"`{AVG}`: over the seeds that finished every row. "
+                f"{PROTOCOL_NOTES.get(setting, '')}{chosen}")
         heading = f"{title} accuracy (%) on {layout.dataset}"
         if rule.name != "last":
             heading += f", evaluation selected by {rule.label}"
@@ -97,7 +98,8 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
     written.append(write_markdown_parts(
         out_dir / f"comparison{sfx}.md",
         f"Paired comparisons on {layout.dataset}, evaluation selected by {rule.label}",
-        COMPARISON_NOTE + " " + chosen, comparison_sections(comparison), command))
+        COMPARISON_NOTE + " " + (DG_COMPARISON_NOTE if layout.dg else "") + chosen,
+        comparison_sections(comparison), command))
     written.append(write_csv_atomic(selection, out_dir / "selection_table.csv", index=False))
     stability = stability_frame(runs, layout)
     written.append(write_csv_atomic(stability, out_dir / "stability.csv", index=False))
@@ -116,6 +118,16 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
         out_dir / "selection_table.md", f"Model selection on {layout.dataset}",
         selection_note(runs, selection), selection_sections(selection, layout), command))
     return written
+
+
+DG_COMPARISON_NOTE = ("Domain generalization: each held-out domain is its own model, a row "
+                      "like a transfer task. ")
+PROTOCOL_NOTES = {  # what a setting's rows are, where the title does not say it
+    "dg": ("Each row: one source-only (ERM) model per seed trained on every other domain, "
+           "pooled, that never read an image of the held-out domain; select with `--select "
+           "source` (the held-out part of each training domain, DomainBed's training-domain "
+           "validation). "),
+}
 
 
 TRAJECTORY_NOTE = (
