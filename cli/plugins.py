@@ -9,6 +9,7 @@ def _hparam_lines(cls: type) -> list[str]:
     from domadapt.registry import hparam_specs
 
     return [f"    {s.flag:<22} {s.type.__name__:<6} default {s.default!s:<10} {s.help}"
+            + ("" if s.search is None else f"; searched: {s.search}")
             for s in hparam_specs(cls)]
 
 
