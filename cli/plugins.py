@@ -26,6 +26,10 @@ def register(app: typer.Typer) -> None:
         lines.append("norms (--norm):")
         for name, kind in NORMS.items():
             lines += [f"  {name}: {kind.help}", *_hparam_lines(kind.Hparams)]
+        from domadapt.hparam_search import CORE_SEARCH
+
+        lines.append("searched core settings (sweep --n-hparams):")
+        lines += [f"    --{k.replace('_', '-'):<20} {v}" for k, v in CORE_SEARCH.items()]
         typer.echo("\n".join(lines))
 
     @app.command("backbones")

@@ -1,5 +1,5 @@
-"""The grid: the command line's lists parsed into RunConfigs, one per cell, and the sweep's
-record (`plan_sweep`)."""
+"""The grid: the command line's lists parsed into RunConfigs, one per cell (times the trials of
+a hyper-parameter search, `domadapt.hparam_search`), and the sweep's record (`plan_sweep`)."""
 
 from __future__ import annotations
 
@@ -96,11 +96,17 @@ def plan_sweep(
     multidomain: bool,
     preset: str | None = None,
     command: str = "",
+    n_hparams: int = 1,
+    hparams_seed: int = 0,
     **options: Any,
 ) -> SweepPlan:
-    """Parse the grid options (as typed on the command line) into a SweepPlan."""
+    """Parse the grid options (as typed on the command line) into a SweepPlan. With
+    `n_hparams` K > 1 each cell becomes K trials, trial 0 first (`hparam_search.trial_configs`;
+    the options given here are held fixed) and sweep.json records K and the seed."""
     from domadapt.data import get_dataset, resolve_root
+    from domadapt.hparam_search import check_search, trial_configs
 
+    check_search(n_hparams, hparams_seed)
     method_list, norm_list = split_list(methods, "--methods"), split_list(norms, "--norms")
     seed_list = parse_seeds(seeds)
     spec = get_dataset(dataset)
@@ -108,11 +114,15 @@ def plan_sweep(
     task_list = resolve_tasks(spec.name, data_root, tasks)
     configs = build_grid(task_list, method_list, norm_list, seed_list, multidomain=multidomain,
                          preset=preset, dataset=spec.name, root=data_root, **options)
+    fixed = {k for k, v in options.items() if v is not None}
+    configs = [t for cfg in configs for t in trial_configs(cfg, n_hparams, hparams_seed, fixed)]
     layout = dataset_layout(spec.name, data_root, task_list, method_list, norm_list, multidomain)
     record = {
         "command": command, "dataset": spec.name, "root": data_root, "preset": preset,
         "tasks": [list(t) for t in task_list], "methods": method_list, "norms": norm_list,
         "seeds": seed_list, "multidomain": multidomain,
         "options": {k: v for k, v in options.items() if v is not None},
+        **({"hparams": {"n_hparams": n_hparams, "hparams_seed": hparams_seed}}
+           if n_hparams > 1 else {}),
     }
     return SweepPlan(tuple(configs), layout, record)
