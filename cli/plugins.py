@@ -9,6 +9,7 @@ def _hparam_lines(cls: type) -> list[str]:
     from domadapt.registry import hparam_specs
 
     return [f"    {s.flag:<22} {s.type.__name__:<6} default {s.default!s:<10} {s.help}"
+            + ("" if s.search is None else f"; searched: {s.search}")
             for s in hparam_specs(cls)]
 
 
@@ -25,6 +26,10 @@ def register(app: typer.Typer) -> None:
         lines.append("norms (--norm):")
         for name, kind in NORMS.items():
             lines += [f"  {name}: {kind.help}", *_hparam_lines(kind.Hparams)]
+        from domadapt.hparam_search import CORE_SEARCH
+
+        lines.append("searched core settings (sweep --n-hparams):")
+        lines += [f"    --{k.replace('_', '-'):<20} {v}" for k, v in CORE_SEARCH.items()]
         typer.echo("\n".join(lines))
 
     @app.command("backbones")

@@ -15,7 +15,7 @@ from domadapt.sweep.launchers import LAUNCHERS
 from .options import config_options, option, usage_errors
 from .train import Device, Preset, Quiet
 
-_G, _L = "Grid", "Launcher"
+_G, _L, _S = "Grid", "Launcher", "Hyper-parameter search"
 
 SweepDataset = Annotated[str, option("--dataset", help="officehome | pacs | styledigits | folder",
                                    panel=_G, registry="dataset")]
@@ -36,6 +36,15 @@ Multidomain = Annotated[bool, option("--multidomain/--no-multidomain", panel=_G,
 DomainGeneralization = Annotated[bool, option(
     "--dg/--no-dg", panel=_G, help="also the leave-one-domain-out (domain generalization) runs: "
     "one per held-out domain, norm and seed, source-only, each trained on every other domain")]
+NHparams = Annotated[int, option(
+    "--n-hparams", panel=_S,
+    help="configurations per cell: trial 0 = the defaults, trials 1..K-1 drawn from the declared "
+         "search distributions (`domadapt methods`; lr, weight decay, batch size); options given "
+         "explicitly are held fixed. The tables choose a trial per cell with --select")]
+HparamsSeed = Annotated[int, option(
+    "--hparams-seed", panel=_S,
+    help="seed of the draws (a trial's values depend on it, the --seeds value, the trial and "
+         "the option)")]
 Results = Annotated[Path | None, option("--results",
                                       help="where the tables go (default: the sweep directory)")]
 Launcher = Annotated[str, option(
@@ -56,7 +65,8 @@ SELECT_HELP = (
     "entropy (lowest target prediction entropy) | snd (highest soft neighborhood density) | "
     "dev (lowest DEV risk; needs --source-val-fraction > 0) | oracle (best target accuracy: "
     "USES TARGET LABELS, an upper bound, not a method). Rules other than last write "
-    "*_select-RULE files beside the default tables")
+    "*_select-RULE files beside the default tables. Of a hyper-parameter search "
+    "(--n-hparams), a rule also chooses each cell's trial (last: trial 0, the defaults)")
 
 
 SWEEP_HELP = (
@@ -81,6 +91,7 @@ def register(app: typer.Typer) -> None:
         results: Results = None,
         preset: Preset = None, launcher: Launcher = "local", workers: SweepWorkers = None,
         slurm: Slurm = None, device: Device = "auto", quiet: Quiet = False,
+        n_hparams: NHparams = 1, hparams_seed: HparamsSeed = 0,
         options: dict[str, Any] | None = None,
     ) -> None:
         """Run every cell of the grid (see SWEEP_HELP)."""
@@ -93,7 +104,8 @@ def register(app: typer.Typer) -> None:
             plan = plan_sweep(
                 dataset=dataset, root=None if root is None else str(root), tasks=tasks,
                 methods=methods, norms=norms, seeds=seeds, multidomain=multidomain, dg=dg,
-                preset=preset, command=_command_line(ctx), **train_options,
+                preset=preset, command=_command_line(ctx), n_hparams=n_hparams,
+                hparams_seed=hparams_seed, **train_options,
             )
         try:
             report = run_sweep(plan, out, backend, results_dir=results, device=device,

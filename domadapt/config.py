@@ -40,7 +40,7 @@ PLUGIN_FIELDS = ("method_options", "norm_options")
 NON_KEY_FIELDS = frozenset({"root", "num_workers", "eval_every", "checkpoint_every"})
 # Fields added after runs were recorded: in the run key only when set (not None), so a run
 # that leaves them at None keeps the key it had before they existed.
-KEY_WHEN_SET = frozenset({"eval_max_images"})
+KEY_WHEN_SET = frozenset({"eval_max_images", "hparams_seed", "hparams_trial"})
 
 RUN, DATA, OPT, EVAL, SYS = "Run", "Data", "Optimization", "Evaluation", "System"
 
@@ -116,6 +116,12 @@ class RunConfig:
         None, "channels_last memory layout (--no-channels-last: NCHW); default auto: on CUDA, "
         "and on CPU for the backbones where it was measured faster", SYS)
     seed: int = config_field(0, "random seed")
+    hparams_seed: int | None = config_field(
+        None, "seed of the hyper-parameter search that drew this run's values (`sweep "
+        "--hparams-seed`, `domadapt.hparam_search`); None: not drawn", cli=False)
+    hparams_trial: int | None = config_field(
+        None, "trial t >= 1 of that search (`sweep --n-hparams`); None: trial 0, the defaults",
+        cli=False)
     method_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
     norm_options: dict[str, Any] = field(default_factory=dict, metadata={"cli": False})
 
@@ -149,6 +155,10 @@ class RunConfig:
             raise UserError(f"--eval-max-images must be positive, got {self.eval_max_images}")
         if self.num_workers < 0:
             raise UserError(f"--num-workers must be >= 0, got {self.num_workers}")
+        trial, hseed = self.hparams_trial, self.hparams_seed
+        if (hseed is None) != (trial is None) or (trial is not None and (trial < 1 or hseed < 0)):
+            raise UserError(f"hparams_seed {self.hparams_seed} / hparams_trial "
+                            f"{self.hparams_trial}: both unset, or a seed >= 0 and a trial >= 1")
         check_schedule_options(lr_schedule=self.lr_schedule, lr_gamma=self.lr_gamma,
                                lr_decay=self.lr_decay)
         check_transform_options(self.resize_mode, self.interpolation,
@@ -224,7 +234,8 @@ class RunConfig:
         task = {"transfer": f"{self.source}-{self.target}", "dg": f"dg-{self.target}"}.get(
             self.setting, self.setting)
         method = self.method if self.setting == "transfer" else "erm"
-        return f"{task}_{method}_{self.norm}_s{self.seed}"
+        trial = f"_h{self.hparams_trial}" if self.hparams_trial else ""
+        return f"{task}_{method}_{self.norm}_s{self.seed}{trial}"
 
 
 def _shared(options: dict[str, Any], plugin: str, kind: str) -> dict[str, Any]:

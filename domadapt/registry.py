@@ -6,7 +6,9 @@ modules (`import_submodules`), so adding a method, norm or backbone is one new f
 Hyper-parameters of a plug-in are a frozen dataclass whose fields carry their help text
 (`hparam(default, help)`). Every plug-in option is a flat command-line option
 (`adv_weight` -> `--adv-weight`); two plug-ins may declare the same option only with the
-same type and default (e.g. DANN and CDAN share the GRL schedule).
+same type, default and search distribution (e.g. DANN and CDAN share the GRL schedule).
+`hparam(..., search=LogUniform(0.1, 10))` declares the distribution a hyper-parameter search
+draws the option from (`domadapt.distributions`, `domadapt.hparam_search`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import math
 import pkgutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, Generic, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, get_type_hints
 
 from domadapt.errors import UserError
+
+if TYPE_CHECKING:
+    from domadapt.distributions import Distribution
 
 T = TypeVar("T")
 
@@ -63,9 +68,11 @@ def import_submodules(package: str, path: list[str]) -> None:
 
 # -- hyper-parameters ---------------------------------------------------------------------------
 
-def hparam(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    """A documented hyper-parameter field of a plug-in's Hparams dataclass."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def hparam(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+           search: Distribution | None = None) -> Any:
+    """A documented hyper-parameter field of a plug-in's Hparams dataclass; `search`: the
+    distribution `sweep --n-hparams` draws it from (None: never searched)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "search": search})
 
 
 @dataclass(frozen=True)
@@ -75,13 +82,15 @@ class NoHparams:
 
 @dataclass(frozen=True)
 class HparamSpec:
-    """One option: name, type (bool | int | float | str), default, help, allowed values."""
+    """One option: name, type (bool | int | float | str), default, help, allowed values, search
+    distribution."""
 
     name: str
     type: type
     default: Any
     help: str
     choices: tuple[str, ...] | None = None
+    search: Distribution | None = None
 
     @property
     def flag(self) -> str:
@@ -89,10 +98,15 @@ class HparamSpec:
 
 
 def hparam_specs(cls: type) -> list[HparamSpec]:
-    """The options declared by an Hparams dataclass, in declaration order."""
+    """The options declared by an Hparams dataclass, in declaration order. A search
+    distribution that cannot draw the option's values is a one-line UserError."""
     hints = get_type_hints(cls)
-    return [HparamSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""),
-                       f.metadata.get("choices")) for f in fields(cls)]
+    specs = [HparamSpec(f.name, hints[f.name], f.default, f.metadata.get("help", ""),
+                        f.metadata.get("choices"), f.metadata.get("search")) for f in fields(cls)]
+    for spec in specs:
+        if spec.search is not None:
+            spec.search.check(spec.type, spec.flag, spec.choices)
+    return specs
 
 
 def coerce(spec: HparamSpec, value: Any) -> Any:
@@ -146,11 +160,12 @@ def merged_specs(owners: list[tuple[str, type]], *, reserved: dict[str, str] | N
                                 f"{reserved[spec.name]} {spec.flag}; rename the option")
             if spec.name in out:
                 seen, who = out[spec.name]
-                if (seen.type, seen.default) != (spec.type, spec.default):
+                if (seen.type, seen.default, seen.search) != (spec.type, spec.default,
+                                                               spec.search):
                     raise UserError(
                         f"option {spec.flag} is declared differently by {who[0]} "
                         f"({_typed(seen)}) and {label} ({_typed(spec)}); plug-ins that share an "
-                        f"option must agree on its type and default: rename one of them")
+                        f"option must agree on its type, default and search: rename one of them")
                 who.append(label)
             else:
                 out[spec.name] = (spec, [label])
@@ -158,4 +173,5 @@ def merged_specs(owners: list[tuple[str, type]], *, reserved: dict[str, str] | N
 
 
 def _typed(spec: HparamSpec) -> str:
-    return f"{spec.type.__name__}, default {spec.default!r}"
+    search = "" if spec.search is None else f", search {spec.search}"
+    return f"{spec.type.__name__}, default {spec.default!r}{search}"

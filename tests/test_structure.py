@@ -14,6 +14,8 @@ LAYERS is docs/DESIGN.md's list (lowest first), adjusted where the code has a be
 - `nn/model.py` (the network a method trains, `DomainAdaptModel`) is layer 2, beside the
   heads it is made of, so a method names its type without importing `models` (layer 3);
   this broke the circle config -> methods -> models -> config.
+- `distributions` (search distributions, declared by plug-ins) is layer 1 beside `registry`;
+  `hparam_search` (drawing a cell's trials) is layer 3 beside `config`.
 - `run_state.py` (what a run carries besides its modules: TrainState, seeds, the deferred
   stop) is layer 3 beside `rundir`, out of `engine` (which kept the loop and its hooks).
 - `plots` is layer 4 with the tables it draws; `sweep/` and `analysis/` are layer 5.
@@ -35,11 +37,11 @@ MAX_UPWARD = 3
 LAYERS: tuple[tuple[str, ...], ...] = (  # module or package prefixes, lowest layer first
     ("domadapt", "domadapt.errors", "domadapt.progress", "domadapt.io", "domadapt.registry",
      "domadapt.schedules", "domadapt.stats", "domadapt.system", "domadapt.distributed",
-     "domadapt.provenance"),
+     "domadapt.provenance", "domadapt.distributions"),
     ("domadapt.nn", "domadapt.data", "domadapt.backbones", "domadapt.norms", "domadapt.methods",
      "domadapt.selection", "domadapt.validators"),
     ("domadapt.config", "domadapt.settings", "domadapt.models", "domadapt.evaluation",
-     "domadapt.rundir", "domadapt.run_state"),
+     "domadapt.rundir", "domadapt.run_state", "domadapt.hparam_search"),
     ("domadapt.engine", "domadapt.train", "domadapt.tables", "domadapt.plots"),
     ("domadapt.sweep", "domadapt.analysis"),
 )

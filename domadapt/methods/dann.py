@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
+from domadapt.distributions import LogUniform
 from domadapt.errors import UserError
 from domadapt.methods.base import (
     Method,
@@ -48,7 +49,8 @@ def check_disc_hidden(value: int) -> None:
 class AdversarialHparams:
     """Options shared by the domain-adversarial methods (DANN, CDAN)."""
 
-    adv_weight: float = hparam(1.0, "weight w of the domain-adversarial loss")
+    adv_weight: float = hparam(1.0, "weight w of the domain-adversarial loss",
+                               search=LogUniform(0.03, 3.0))
     disc_hidden: int = disc_hidden_hparam()
     grl_schedule: str = hparam(
         "progress", "GRL coefficient: 2/(1+exp(-alpha p))-1 (progress, Ganin et al.) or "

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from domadapt.distributions import LogUniform
 from domadapt.errors import UserError
 from domadapt.methods.base import (
     Method,
@@ -40,7 +41,8 @@ from domadapt.registry import hparam
 @dataclass(frozen=True)
 class MCCHparams:
     mcc_temperature: float = hparam(2.5, "MCC: temperature T of the target softmax")
-    mcc_weight: float = hparam(1.0, "MCC: weight of the minimum-class-confusion loss")
+    mcc_weight: float = hparam(1.0, "MCC: weight of the minimum-class-confusion loss",
+                               search=LogUniform(0.1, 10.0))
 
     def __post_init__(self) -> None:
         if not self.mcc_temperature > 0:

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from domadapt.distributions import LogUniform
 from domadapt.errors import UserError
 from domadapt.nn.bin import (
     GATE_LOW,
@@ -32,7 +33,8 @@ GATE_LR_RULES = ("base", "layer")
 
 @dataclass(frozen=True)
 class BINHparams:
-    gate_lr_mult: float = hparam(10.0, "BIN gates: learning-rate multiplier (see --gate-lr-rule)")
+    gate_lr_mult: float = hparam(10.0, "BIN gates: learning-rate multiplier (see --gate-lr-rule)",
+                                 search=LogUniform(1.0, 100.0))
     gate_lr_rule: str = hparam(
         "base", "BIN gates' lr: base = gate-lr-mult x lr0 (official BIN code); layer = "
         "gate-lr-mult x the lr of the layer they sit in", choices=GATE_LR_RULES)

@@ -1,5 +1,5 @@
-"""The grid: the command line's lists parsed into RunConfigs, one per cell, and the sweep's
-record (`plan_sweep`)."""
+"""The grid: the command line's lists parsed into RunConfigs, one per cell (times the trials of
+a hyper-parameter search, `domadapt.hparam_search`), and the sweep's record (`plan_sweep`)."""
 
 from __future__ import annotations
 
@@ -105,13 +105,19 @@ def plan_sweep(
     dg: bool = False,
     preset: str | None = None,
     command: str = "",
+    n_hparams: int = 1,
+    hparams_seed: int = 0,
     **options: Any,
 ) -> SweepPlan:
     """Parse the grid options (as typed on the command line) into a SweepPlan; `dg`: one
-    leave-one-domain-out cell per domain (a dataset of fewer than 2 domains: UserError)."""
+    leave-one-domain-out cell per domain (a dataset of fewer than 2 domains: UserError). With
+    `n_hparams` K > 1 each cell becomes K trials, trial 0 first (`hparam_search.trial_configs`;
+    the options given here are held fixed) and sweep.json records K and the seed."""
     from domadapt.data import get_dataset, resolve_root
+    from domadapt.hparam_search import check_search, trial_configs
     from domadapt.settings import held_out_domains
 
+    check_search(n_hparams, hparams_seed)
     method_list, norm_list = split_list(methods, "--methods"), split_list(norms, "--norms")
     seed_list = parse_seeds(seeds)
     spec = get_dataset(dataset)
@@ -123,6 +129,8 @@ def plan_sweep(
                          root=data_root, **options)
     if not configs:
         raise UserError("the grid is empty: --tasks none needs --multidomain or --dg")
+    fixed = {k for k, v in options.items() if v is not None}
+    configs = [t for cfg in configs for t in trial_configs(cfg, n_hparams, hparams_seed, fixed)]
     layout = dataset_layout(spec.name, data_root, task_list, method_list, norm_list, multidomain,
                             dg=dg)
     record = {
@@ -130,5 +138,7 @@ def plan_sweep(
         "tasks": [list(t) for t in task_list], "methods": method_list, "norms": norm_list,
         "seeds": seed_list, "multidomain": multidomain, "dg": dg,
         "options": {k: v for k, v in options.items() if v is not None},
+        **({"hparams": {"n_hparams": n_hparams, "hparams_seed": hparams_seed}}
+           if n_hparams > 1 else {}),
     }
     return SweepPlan(tuple(configs), layout, record)

@@ -2,8 +2,9 @@
 
 Modules, one idea each (each imports only those before it): `records` (reading run
 directories and sweep.json), `frames` (pandas tables of the runs), `comparisons` (paired
-statistics), `render` (display tables, Markdown, atomic writers), `versus` (sweep against
-sweep), `writer` (`write_tables`). The names other code uses are re-exported here.
+statistics), `render` (display tables, Markdown, atomic writers), `trials` (one trial per cell
+of a hyper-parameter search, chosen by the `select` rule), `versus` (sweep against sweep),
+`writer` (`write_tables`). The names other code uses are re-exported here.
 
 A run counts once its `metrics.json` exists (train writes it last: the done marker); its
 `config.json` says what it was. Which rows and columns a table has, and in which order, comes
@@ -13,7 +14,8 @@ be rebuilt at any moment, also while sweeps are writing into the same directory.
 
 Files written into the results directory:
 
-- `runs.csv`: one row per finished run (accuracies in percent).
+- `runs.csv`: one row per finished run (accuracies in percent); of a hyper-parameter search
+  every trial, with `hparams_trial`, and `trials.csv` (`domadapt.tables.trials`).
 - `summary.csv`: the machine-readable numbers behind the display tables, one row per
   (setting, row, method, norm): `n_seeds`, `mean`, `std` in percent (sample std, ddof=1).
 - `transfer_table.csv/.md`: rows = tasks (`Ar->Cl`, ...) in canonical order + `Avg`; one

@@ -159,11 +159,13 @@ def _check_fields(path: Path, record: dict[str, Any], fields: dict[str, type]) -
                             f"restore it, or delete {path.parent} and re-run to train it again")
 
 
-def load_sweep(sweep_dir: Path) -> tuple[Layout, list[FinishedRun], dict[str, Any]]:
+def load_sweep(sweep_dir: Path, *, trials: bool = False
+               ) -> tuple[Layout, list[FinishedRun], dict[str, Any]]:
     """(layout, finished runs, sweep.json) of a sweep directory: the Layout and run list from
     sweep.json when present, else every run dir under `sweep_dir/runs`, laid out from what
     finished. UserError for a missing directory, a corrupt record, runs differing beyond
-    their cell."""
+    their cell (and trial). Of a hyper-parameter search only trial 0 (the defaults: one run
+    per cell) unless `trials` (then every trial: `domadapt.tables.trials` chooses)."""
     if not sweep_dir.is_dir():
         raise UserError(f"sweep directory not found: {sweep_dir}")
     record = read_record(sweep_dir / RECORD) if (sweep_dir / RECORD).is_file() else {}
@@ -176,6 +178,8 @@ def load_sweep(sweep_dir: Path) -> tuple[Layout, list[FinishedRun], dict[str, An
                         f"{sweep_dir / RECORD}") from None
     runs = finished_runs(run_dirs)
     _check_unique(runs)
+    if not trials:
+        runs = [run for run in runs if not run.config.get("hparams_trial")]
     if layout is None:
         if not runs:
             raise UserError(f"no finished runs and no {RECORD} in {sweep_dir}")
@@ -212,11 +216,12 @@ def _layout_from_runs(configs: list[dict[str, Any]]) -> Layout:
 
 
 def _check_unique(runs: list[FinishedRun]) -> None:
-    """Refuse to average runs that differ in more than the seed (e.g. two --iters values)."""
+    """Refuse to average runs that differ in more than the seed (e.g. two --iters values);
+    the trials of a hyper-parameter search (`hparams_trial`) are distinct runs of one cell."""
     groups: dict[tuple, list[FinishedRun]] = {}
     for run in runs:
-        ident = tuple(run.config.get(k)
-                      for k in ("setting", "source", "target", "method", "norm", "seed"))
+        ident = tuple(run.config.get(k) for k in ("setting", "source", "target", "method",
+                                                  "norm", "seed", "hparams_trial"))
         groups.setdefault(ident, []).append(run)
     for clash in (g for g in groups.values() if len(g) > 1):
         configs = [r.config for r in clash]

@@ -25,6 +25,7 @@ from domadapt.tables.render import (
     write_csv_atomic,
     write_markdown_parts,
 )
+from domadapt.tables.trials import chosen_runs
 
 VERSUS_KEYS = ("setting", "row", "method", "norm")
 IGNORED_IN_DIFF = frozenset({"seed", "source", "target", "root", "num_workers", "eval_every",
@@ -144,7 +145,9 @@ def write_versus(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path,
     versus_gates.csv and a gates section in versus.md (`versus_gates`). Returns the paths
     written."""
     rule = get_rule(select)
-    (la, ra, _), (lb, rb, _) = load_sweep(Path(a_dir)), load_sweep(Path(b_dir))
+    (la, ra, rec_a), (lb, rb, rec_b) = (load_sweep(Path(d), trials=True) for d in (a_dir, b_dir))
+    # a search's trial per cell, chosen by the rule (`tables.trials`; last: trial 0)
+    ra, rb = chosen_runs(ra, rec_a, rule.name), chosen_runs(rb, rec_b, rule.name)
     table = versus_frame((la, ra), (lb, rb), rule.name)
     if table.empty:
         raise UserError(f"no run of {b_dir} has a partner in {a_dir} (same task, method, "

@@ -36,6 +36,16 @@ from domadapt.tables.render import (
     write_markdown,
     write_markdown_parts,
 )
+from domadapt.tables.trials import (
+    chosen_runs,
+    is_search,
+    search_note,
+    search_size,
+    trial_selection_frame,
+    trials_frame,
+    trials_note,
+    with_trial_column,
+)
 
 GATES_BY_LAYER = "gates_by_layer.csv"
 STAT_COLUMNS = ("setting", "row", "method", "norm", "n_seeds", "mean", "std")
@@ -53,16 +63,27 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
     rule = get_rule(select)  # unknown rule: refused before anything is read
     sweep_dir = Path(sweep_dir)
     out_dir = Path(out_dir) if out_dir is not None else sweep_dir
-    layout, runs, record = load_sweep(sweep_dir)
+    layout, every_run, record = load_sweep(sweep_dir, trials=True)
+    search = is_search(every_run, record)  # a hyper-parameter search: choose per cell
+    runs = chosen_runs(every_run, record, rule.name)
+    defaults = chosen_runs(every_run, record, "last")  # trial 0: the rule-free files
     scores, picked = selected_scores(runs, layout, rule.name)
     comparison = comparison_frame(scores, layout)
-    selection = selection_frame(runs, layout)
+    selection = (trial_selection_frame(every_run, layout, search_size(record)) if search
+                 else selection_frame(runs, layout))
     sfx = "" if rule.name == "last" else f"_select-{rule.name}"
     command = record.get("command")
     chosen = f"Evaluation reported per run (`--select {rule.name}`): {RULE_TEXT[rule.name]}."
     chosen += " " + provenance_note(pairing_groups(runs, layout), "(task, seed) groups")
-    written = [write_csv_atomic(runs_frame(runs, layout, sweep_dir), out_dir / "runs.csv",
-                                index=False)]
+    if search:
+        chosen += " " + search_note(every_run, record, rule.name)
+    every = runs_frame(every_run, layout, sweep_dir)
+    written = [write_csv_atomic(with_trial_column(every, every_run) if search else every,
+                                out_dir / "runs.csv", index=False)]
+    if search:
+        written.append(write_csv_atomic(trials_frame(every_run, layout, sweep_dir,
+                                                     search_size(record)),
+                                        out_dir / "trials.csv", index=False))
     if picked is not None:
         written.append(write_csv_atomic(_picked_frame(picked, rule.column, sweep_dir),
                                         out_dir / f"runs{sfx}.csv", index=False))
@@ -101,22 +122,24 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
         COMPARISON_NOTE + " " + (DG_COMPARISON_NOTE if layout.dg else "") + chosen,
         comparison_sections(comparison), command))
     written.append(write_csv_atomic(selection, out_dir / "selection_table.csv", index=False))
-    stability = stability_frame(runs, layout)
+    stability = stability_frame(defaults, layout)
     written.append(write_csv_atomic(stability, out_dir / "stability.csv", index=False))
     written.append(write_markdown(
         stability.set_index("setting").round(1), out_dir / "stability.md",
         f"Stability of the reported numbers on {layout.dataset}", STABILITY_NOTE, command))
-    trajectory = trajectory_frame(runs, layout)
+    trajectory = trajectory_frame(defaults, layout)
     written.append(write_csv_atomic(trajectory, out_dir / "trajectory.csv", index=False))
     written.append(write_markdown(
         trajectory.set_index("setting").round({"target_acc": 1}),
         out_dir / "trajectory.md", f"Accuracy and norm diagnostics over training on "
         f"{layout.dataset}", TRAJECTORY_NOTE, command))
-    if not (gates := gates_frame(runs)).empty:
+    if not (gates := gates_frame(defaults)).empty:
         written.append(write_csv_atomic(gates.round(6), out_dir / GATES_BY_LAYER, index=False))
     written.append(write_markdown_parts(
         out_dir / "selection_table.md", f"Model selection on {layout.dataset}",
-        selection_note(runs, selection), selection_sections(selection, layout), command))
+        selection_note(every_run, selection) + (" " + trials_note(every_run, record)
+                                                 if search else ""),
+        selection_sections(selection, layout), command))
     return written
 
 
