@@ -107,6 +107,8 @@ def register(app: typer.Typer) -> None:
                 preset=preset, command=_command_line(ctx), n_hparams=n_hparams,
                 hparams_seed=hparams_seed, **train_options,
             )
+        for left in plan.record.get("left_out", []):
+            typer.echo(f"note: {left['cells']} cells left out: {left['reason']}", err=True)
         try:
             report = run_sweep(plan, out, backend, results_dir=results, device=device,
                                quiet=quiet)

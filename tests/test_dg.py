@@ -372,3 +372,18 @@ def test_dg_tables_select_by_training_domain_validation(tmp_path):
         write_tables(tmp_path, select="entropy")
     selection = pd.read_csv(tmp_path / "selection_table.csv")
     assert set(selection.rule) == {"last", "source", "oracle (uses target labels)"}
+
+
+def test_sweep_leaves_out_the_cells_the_protocol_refuses_and_says_why(tree):
+    # dsbn needs a target domain: no source-only cell, no dg cell; dann x dsbn transfer stays
+    plan = _plan(tree, tasks="alpha:beta", methods="source-only,dann", norms="bn,dsbn",
+                 seeds="0")
+    cells = [(c.setting, c.method, c.norm) for c in plan.configs]
+    assert ("transfer", "dann", "dsbn") in cells and ("transfer", "source-only", "bn") in cells
+    assert not any(n == "dsbn" and (m == "source-only" or s == "dg") for s, m, n in cells)
+    left = {item["reason"]: item["cells"] for item in plan.record["left_out"]}
+    assert sum(left.values()) == 1 + len(DOMAINS)  # source-only transfer + every dg cell
+    assert all(reason.startswith("--norm dsbn needs") for reason in left)
+    assert "left_out" not in _plan(tree).record  # nothing refused: no entry
+    with pytest.raises(UserError, match="no cell of the grid can run: --norm dsbn"):
+        _plan(tree, norms="dsbn")

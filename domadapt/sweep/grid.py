@@ -93,6 +93,27 @@ def build_grid(
     return cells
 
 
+def _applicable(configs: list[RunConfig]) -> tuple[list[RunConfig], list[dict[str, Any]]]:
+    """(the cells a run would accept, the others as [{"reason", "cells"}]): a grid crosses
+    every method, norm and setting, and some crossings are refused by the protocol
+    (`settings.check_protocol`, e.g. dsbn in a source-only or dg cell, whose images have no
+    target domain); those cells are left out of the sweep, their table cells stay empty, and
+    sweep.json says why. A grid with no cell left: the first reason, as a UserError."""
+    from domadapt.settings import check_protocol
+
+    kept, reasons = [], {}
+    for cfg in configs:
+        try:
+            check_protocol(cfg)
+        except UserError as e:
+            reasons[str(e)] = reasons.get(str(e), 0) + 1
+            continue
+        kept.append(cfg)
+    if configs and not kept:
+        raise UserError(f"no cell of the grid can run: {next(iter(reasons))}")
+    return kept, [{"reason": r, "cells": n} for r, n in reasons.items()]
+
+
 def plan_sweep(
     *,
     dataset: str,
@@ -131,6 +152,7 @@ def plan_sweep(
         raise UserError("the grid is empty: --tasks none needs --multidomain or --dg")
     fixed = {k for k, v in options.items() if v is not None}
     configs = [t for cfg in configs for t in trial_configs(cfg, n_hparams, hparams_seed, fixed)]
+    configs, left_out = _applicable(configs)
     layout = dataset_layout(spec.name, data_root, task_list, method_list, norm_list, multidomain,
                             dg=dg)
     record = {
@@ -140,5 +162,6 @@ def plan_sweep(
         "options": {k: v for k, v in options.items() if v is not None},
         **({"hparams": {"n_hparams": n_hparams, "hparams_seed": hparams_seed}}
            if n_hparams > 1 else {}),
+        **({"left_out": left_out} if left_out else {}),
     }
     return SweepPlan(tuple(configs), layout, record)
