@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from domadapt.data import get_dataset, list_datasets, resolve_root
+from domadapt.data import DATASETS, get_dataset, list_datasets, resolve_root
 from domadapt.data.manifest import build_manifests, resolve_domains, write_splits
 from domadapt.data.registry import MANIFEST_DIRNAME, skipped_entries
 from domadapt.data.styledigits import write_styledigits
@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 Dataset = Annotated[
-    str, typer.Option("--dataset", "-D", help="officehome | pacs | folder | styledigits",
+    str, typer.Option("--dataset", "-D", help=" | ".join(DATASETS.names()),
                       autocompletion=complete("dataset"))
 ]
 Root = Annotated[

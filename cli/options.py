@@ -17,11 +17,13 @@ from typing import Annotated, Any
 import typer
 
 from domadapt.backbones import BACKBONES, FAMILIES
-from domadapt.config import PRESETS, SETTING_DEFAULTS, core_fields, plugin_options
-from domadapt.data import list_datasets
+from domadapt.config import SETTING_DEFAULTS, core_fields, plugin_options
+from domadapt.data import DATASETS
 from domadapt.errors import UsageError, UserError
 from domadapt.methods import METHODS
 from domadapt.norms import NORMS
+from domadapt.presets import PRESETS
+from domadapt.selection import RULES
 from domadapt.sweep.launchers import LAUNCHERS
 
 PANEL_PLUGINS = "Method / norm options"
@@ -33,9 +35,10 @@ REGISTRY_NAMES: dict[str, Callable[[], Iterable[str]]] = {
     "method": METHODS.names,
     "norm": NORMS.names,
     "backbone": lambda: [*BACKBONES.names(), *(f"{f}:" for f in FAMILIES.names())],
-    "dataset": lambda: [d.name for d in list_datasets()],
-    "preset": lambda: PRESETS,
+    "dataset": DATASETS.names,
+    "preset": PRESETS.names,
     "launcher": LAUNCHERS.names,
+    "rule": lambda: RULES,
 }
 
 

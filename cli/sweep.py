@@ -9,7 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
+from domadapt.data import DATASETS
 from domadapt.errors import UserError
+from domadapt.selection import select_help
 from domadapt.sweep.launchers import LAUNCHERS
 
 from .options import config_options, option, usage_errors
@@ -17,8 +19,8 @@ from .train import Device, Preset, Quiet
 
 _G, _L, _S = "Grid", "Launcher", "Hyper-parameter search"
 
-SweepDataset = Annotated[str, option("--dataset", help="officehome | pacs | styledigits | folder",
-                                   panel=_G, registry="dataset")]
+SweepDataset = Annotated[str, option("--dataset", help=" | ".join(DATASETS.names()), panel=_G,
+                                     registry="dataset")]
 SweepOut = Annotated[Path, option("--out",
                                 help="sweep directory: runs/, sweep.json (re-run to resume)")]
 Root = Annotated[Path | None, option("--root", help="dataset folder (optional for styledigits)",
@@ -59,14 +61,9 @@ Slurm = Annotated[list[str] | None, option(
     "--slurm", panel=_L,
     help="KEY=VALUE for submitit's update_parameters, e.g. slurm_partition=gpu (repeatable)")]
 
-SELECT_HELP = (
-    "which logged evaluation of each run the tables report: last (default: the final one, "
-    "metrics.json) | source (best held-out source accuracy; needs --source-val-fraction > 0) | "
-    "entropy (lowest target prediction entropy) | snd (highest soft neighborhood density) | "
-    "dev (lowest DEV risk; needs --source-val-fraction > 0) | oracle (best target accuracy: "
-    "USES TARGET LABELS, an upper bound, not a method). Rules other than last write "
-    "*_select-RULE files beside the default tables. Of a hyper-parameter search "
-    "(--n-hparams), a rule also chooses each cell's trial (last: trial 0, the defaults)")
+SELECT_HELP = (select_help()  # every rule, with its validator's help (domadapt.selection)
+               + ". Of a hyper-parameter search (--n-hparams), a rule also chooses each "
+               "cell's trial (last: trial 0, the defaults)")
 
 
 SWEEP_HELP = (
@@ -131,7 +128,7 @@ def register(app: typer.Typer) -> None:
                                                   show_default=False)],
         out: Annotated[Path | None, option("--out",
                                          help="where the tables go (default: SWEEP_DIR)")] = None,
-        select: Annotated[str, option("--select", help=SELECT_HELP)] = "last",
+        select: Annotated[str, option("--select", help=SELECT_HELP, registry="rule")] = "last",
     ) -> None:
         """Rebuild a sweep's tables from its run directories (also while it runs), with
         comparison.csv/.md (paired tests over seeds) and selection_table.csv/.md."""
@@ -148,7 +145,7 @@ def register(app: typer.Typer) -> None:
                                                 "setting changed", show_default=False)],
         out: Annotated[Path | None, option("--out",
                                          help="where versus.csv/.md go (default: SWEEP_B)")] = None,
-        select: Annotated[str, option("--select", help=SELECT_HELP)] = "last",
+        select: Annotated[str, option("--select", help=SELECT_HELP, registry="rule")] = "last",
     ) -> None:
         """Sweep B against sweep A, runs paired by task, method, norm and seed: per task the
         means, B - A and its 95% t interval; over all pairs, and over the tasks' mean

@@ -13,12 +13,13 @@ from typing import Annotated, Any
 
 import typer
 
-from domadapt.config import PRESETS, make_config
+from domadapt.config import make_config
+from domadapt.presets import PRESETS
 
 from .options import config_options, option, usage_errors
 
 Out = Annotated[Path, option("--out", help="run directory (re-run: resume; finished: no retraining)")]
-Preset = Annotated[str | None, option("--preset", help=" | ".join(PRESETS), default="none",
+Preset = Annotated[str | None, option("--preset", help=" | ".join(PRESETS.names()), default="none",
                                      registry="preset")]
 Device = Annotated[str, option("--device", default="auto", help=(
     "auto (CUDA if available, else CPU) | cpu | cuda | cuda:N | mps (Apple GPU, float32)"))]

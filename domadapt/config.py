@@ -5,7 +5,8 @@ hyper-parameters (declared by the plug-ins, e.g. DANN's `adv_weight`, BIN's `gat
 live in `method_options` / `norm_options`, resolved with their defaults. Only those of the
 chosen plug-ins are stored, so options a run cannot use (DANN's in a source-only run, the
 gates' in a BN run) never change its key. Every field's help text is in its metadata: the CLI
-builds its options from it (`cli/options.py`), so a setting is declared once.
+builds its options from it (`cli/options.py`), so a setting is declared once. A preset
+(`domadapt.presets`, a registry) names a set of overrides of these defaults.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from domadapt.backbones import check_backbone, check_image_size
+from domadapt.data import DATASETS
 from domadapt.data.transforms import INTERPOLATIONS, RESIZE_MODES, check_transform_options
 from domadapt.errors import UserError
 from domadapt.methods import METHODS, get_method
 from domadapt.norms import NORMS, get_norm
+from domadapt.presets import PRESETS, preset_overrides  # noqa: F401  (PRESETS: re-exported)
 from domadapt.provenance import file_sha256
 from domadapt.registry import (
     HparamSpec,
@@ -56,7 +59,7 @@ def config_field(default: Any, help: str, panel: str = RUN, *, cli: bool = True,
 class RunConfig:
     """Every hyper-parameter of one run. `key()` names its run directory."""
 
-    dataset: str = config_field("officehome", "officehome | pacs | styledigits | folder", DATA)
+    dataset: str = config_field("officehome", " | ".join(DATASETS.names()), DATA)
     root: str | None = config_field(None, "dataset folder (optional for styledigits)", DATA)
     setting: str = config_field("transfer", "transfer (source -> target) | multidomain | dg "
                                 "(every domain but the target -> the target, never seen)",
@@ -298,46 +301,6 @@ def _check_unused(name: str, value: Any) -> None:
 
 def _hparam_classes() -> list[type]:
     return [c.Hparams for _, c in METHODS.items()] + [k.Hparams for _, k in NORMS.items()]
-
-
-# Presets: named overrides of the defaults (core fields and plug-in options alike).
-PRESETS: dict[str, dict[str, Any]] = {
-    # Transfer-Learning-Library's DANN on Office-Home (examples/domain_adaptation/
-    # image_classification/dann.py + dann.sh; docs/recipe-research.md has every source line):
-    # 30 epochs x 1000 iterations, iteration-based lr and GRL schedules, square 256 resize
-    # (bicubic) + RandomResizedCrop(224, scale (0.08, 1)), fp32, an evaluation every 1000.
-    "officehome": {
-        "iters": 30000, "lr_schedule": "iteration", "lr_gamma": 0.001, "lr_decay": 0.75,
-        "grl_schedule": "iteration", "grl_warmup": 1000.0, "resize_mode": "square",
-        "interpolation": "bicubic", "crop_scale_min": 0.08, "crop_scale_max": 1.0,
-        "amp": False, "channels_last": False, "eval_every": 1000, "checkpoint_every": 1000,
-    },
-    # The same network with Ganin et al.'s progress-based schedules over 5000 iterations
-    # (the RunConfig defaults).
-    "officehome-ganin": {},
-    "pacs-cpu": {
-        "dataset": "pacs", "backbone": "mobilenet_v2", "image_size": 96, "resize_size": 112, "iters": 300,
-        "batch_size": 32, "eval_every": 100, "checkpoint_every": 100,
-    },
-    # From scratch, 300 iterations: lr 0.05 (0.01 learns too slowly), adversarial weight 0.3
-    # (at 1.0 the reversed gradient swamps the untrained features and DANN+BN fails to fit
-    # the source on texture->sketch / sketch->gray). One CPU core: ~15 s per DANN run,
-    # ~9 s source-only, ~7 s multidomain (about half of it decoding and augmenting images).
-    "styledigits": {
-        "dataset": "styledigits", "backbone": "digitnet", "pretrained": "none", "image_size": 32,
-        "resize_size": 36, "iters": 300, "batch_size": 32, "lr": 0.05, "backbone_lr_mult": 1.0,
-        "adv_weight": 0.3, "bottleneck_dim": 128, "disc_hidden": 256, "weight_decay": 5e-4,
-        "eval_every": 150, "checkpoint_every": 150, "num_workers": 0,
-    },
-}
-
-
-def preset_overrides(name: str | None) -> dict[str, Any]:
-    if name is None:
-        return {}
-    if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
 
 
 # Defaults of one setting, under the preset and the explicit options (`dg --help` shows them):

@@ -1,16 +1,11 @@
 """Evaluation: a model's outputs on a dataset, accuracies, and the unsupervised validators.
 
-Validators (computed at every evaluation, without target labels; `domadapt.validators`):
-    val_source   accuracy on the held-out source split (--source-val-fraction > 0)
-    val_entropy  mean prediction entropy on the target (lower is better)
-    val_snd      soft neighborhood density on the target (Saito et al., 2021; higher is better)
-    val_dev      deep embedded validation risk (You et al., 2019; lower is better): importance-
-                 weighted cross-entropy on the source hold-out, weights from a logistic-
-                 regression domain classifier on bottleneck features of the source training
-                 split vs the target
-A validator that cannot be computed for a run is None (an empty cell), never a made-up value.
-In dg only val_source is computed: its model selection never sees the target
-(`domadapt.settings.target_validators`).
+`validators` computes every registered validator (`domadapt.validators`: val_source,
+val_entropy, val_snd, val_dev, then the plug-ins', in registry order) from one evaluation's
+outputs, without target labels. A validator that cannot be computed for a run is None (an
+empty cell), never a made-up value.
+In dg only the validators that read no target image run (`reads_target` False: val_source):
+its model selection never sees the target (`domadapt.settings.target_validators`).
 """
 
 from __future__ import annotations
@@ -22,7 +17,9 @@ from torch import Tensor, nn
 
 from domadapt.data import DomainDataset, eval_loader
 from domadapt.nn.domains import domain_labels
-from domadapt.validators import dev_risk, prediction_entropy, soft_neighborhood_density
+from domadapt.validators import VALIDATORS, EvalOutputs, Holdout, accuracy
+
+__all__ = ["accuracy", "outputs", "per_class_accuracy", "predict", "to_device", "validators"]
 
 
 def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
@@ -57,10 +54,6 @@ def predict(model: nn.Module, dataset: DomainDataset, **kw: object) -> tuple[Ten
     return logits.argmax(1), labels
 
 
-def accuracy(preds: Tensor, labels: Tensor) -> float:
-    return float((preds == labels).float().mean()) if len(labels) else float("nan")
-
-
 def per_class_accuracy(preds: Tensor, labels: Tensor,
                        classes: list[str]) -> dict[str, float | None]:
     """{class: accuracy over that class's images} (None for a class without images)."""
@@ -75,20 +68,11 @@ def validators(target_logits: Tensor, target_features: Tensor, *,
                source_features: Tensor | None = None,
                holdout: tuple[Tensor, Tensor, Tensor] | None = None,
                seed: int = 0, use_target: bool = True) -> dict[str, float | None]:
-    """The validators of one evaluation (module docstring). `holdout` = (logits, features,
-    labels) of the source hold-out, None without one (val_source, val_dev then None).
-    `use_target` False (dg: selection must not see the target): only val_source."""
-    out: dict[str, float | None] = {"val_source": None, "val_entropy": None,
-                                    "val_snd": None, "val_dev": None}
-    if use_target:
-        out["val_entropy"] = prediction_entropy(target_logits)
-        if len(target_logits) >= 2:
-            out["val_snd"] = soft_neighborhood_density(target_logits)
-    if holdout is not None:
-        logits, features, labels = holdout
-        out["val_source"] = accuracy(logits.argmax(1), labels)
-        if use_target and source_features is not None and len(labels) >= 2:
-            losses = nn.functional.cross_entropy(logits, labels, reduction="none")
-            out["val_dev"] = dev_risk(source_features.numpy(), target_features.numpy(),
-                                      features.numpy(), losses.numpy(), seed=seed)
-    return out
+    """{`val_<name>`: score} of every registered validator for one evaluation, in registry
+    order. `holdout` = (logits, features, labels) of the source hold-out, None without one.
+    `use_target` False (dg: selection must not see the target): the validators that read
+    target images (`Validator.reads_target`) are None."""
+    ev = EvalOutputs(target_logits, target_features, source_features,
+                     None if holdout is None else Holdout(*holdout), seed)
+    return {v.column: v.compute(ev) if use_target or not v.reads_target else None
+            for _, v in VALIDATORS.items()}

@@ -284,17 +284,44 @@ def comparison_figure(stats: pd.DataFrame, title: str, ylabel: str) -> Figure:
     return fig
 
 
+# Norm styles not declared by the norm (`NormKind.plot_marker` / `plot_shade`) are drawn from
+# these, in registry order: markers no norm declares, shades in turn.
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "p", "h", "<", ">", "d", "H")
+SHADES = (0.7, 0.6, 0.8, 0.4)
+UNREGISTERED = ("x", 0.7)  # a norm a run recorded that is not registered here
+
+
+def norm_styles() -> dict[str, tuple[str, float]]:
+    """norm name -> (marker, shade) for every registered norm: the kind's own, where it
+    declares them, else the next marker no norm declares and the next shade (registry order),
+    so every norm gets a look that does not depend on which figure draws it."""
+    from domadapt.norms import NORMS
+
+    kinds = [kind for _, kind in NORMS.items()]
+    free = [m for m in MARKERS if m not in {k.plot_marker for k in kinds}]
+    out, i = {}, 0
+    for kind in kinds:
+        if kind.plot_marker is not None and kind.plot_shade is not None:
+            out[kind.name] = (kind.plot_marker, kind.plot_shade)
+            continue
+        out[kind.name] = (kind.plot_marker or free[i % len(free)],
+                          SHADES[i % len(SHADES)] if kind.plot_shade is None else kind.plot_shade)
+        i += 1
+    return out
+
+
 def _column_styles(columns: Sequence[str]) -> dict[str, tuple]:
-    """Colour by method (the part before '/'), light for BN and dark for BIN; marker by norm."""
+    """Colour family by method (the part before '/'; the figure's methods in turn), shade and
+    marker by norm (`norm_styles`)."""
     from matplotlib import colormaps
 
     families = ["Blues", "Oranges", "Greens", "Purples", "Reds", "Greys"]
-    markers = {"bn": "o", "in": "^", "bin": "s"}
-    shades = {"bn": 0.5, "in": 0.7, "bin": 0.9}
+    norms = norm_styles()
     methods = list(dict.fromkeys(c.split("/")[0] if "/" in c else "" for c in columns))
     out = {}
     for c in columns:
         method, _, norm = c.rpartition("/")
         cmap = colormaps[families[methods.index(method) % len(families)]]
-        out[c] = (cmap(shades.get(norm, 0.7)), markers.get(norm, "D"))
+        marker, shade = norms.get(norm, UNREGISTERED)
+        out[c] = (cmap(shade), marker)
     return out

@@ -1,7 +1,9 @@
-"""Name -> plug-in registries (methods, normalizations, backbones) and their hyper-parameters.
+"""Name -> plug-in registries (methods, normalizations, backbones, validators, datasets,
+presets, launchers) and the plug-ins' hyper-parameters.
 
 A plug-in module registers itself when imported; each plug-in package imports all of its
-modules (`import_submodules`), so adding a method, norm or backbone is one new file.
+modules (`import_submodules`), so adding a method, norm, backbone, validator, dataset, preset
+or launcher is one new file.
 
 Hyper-parameters of a plug-in are a frozen dataclass whose fields carry their help text
 (`hparam(default, help)`). Every plug-in option is a flat command-line option
@@ -52,6 +54,15 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         return name in self._items
 
+    def __getitem__(self, name: str) -> T:
+        return self._items[name]  # KeyError; `get` is the one-line UserError for users
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
     def names(self) -> tuple[str, ...]:
         return tuple(self._items)
 
@@ -59,11 +70,13 @@ class Registry(Generic[T]):
         return iter(list(self._items.items()))
 
 
-def import_submodules(package: str, path: list[str]) -> None:
-    """Import every module of `package` (its registrations run on import)."""
-    for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
+def import_submodules(package: str, path: list[str], first: tuple[str, ...] = ()) -> None:
+    """Import every module of `package` (its registrations run on import): the modules named
+    in `first` in that order (the built-ins, where their order is visible), then the others in
+    the order of their names."""
+    names = sorted(i.name for i in pkgutil.iter_modules(path) if not i.name.startswith("_"))
+    for name in [*first, *(n for n in names if n not in first)]:
+        importlib.import_module(f"{package}.{name}")
 
 
 # -- hyper-parameters ---------------------------------------------------------------------------

@@ -1,15 +1,13 @@
 """Model-selection rules: which of a run's logged evaluations to report.
 
-A run logs one row per evaluation (log.csv) with the columns `iter`, `target_acc` and the
-validators `val_source`, `val_entropy`, `val_snd`, `val_dev` (see `domadapt.validators`);
-a validator that could not be computed is an empty cell (NaN). A rule picks one row per run
-and the tables report that row's `target_acc`:
+A run logs one row per evaluation (log.csv) with the columns `iter`, `target_acc` and one
+`val_<name>` column per registered validator (`domadapt.validators`); a validator that could
+not be computed is an empty cell (NaN). A rule picks one row per run and the tables report
+that row's `target_acc`. The rules, in this order (`RULES`):
 
     last     the final evaluation (largest iter)
-    source   highest accuracy on the held-out source split   (needs --source-val-fraction > 0)
-    entropy  lowest mean prediction entropy on the target
-    snd      highest soft neighborhood density on the target
-    dev      lowest deep-embedded-validation risk             (needs --source-val-fraction > 0)
+    <name>   one per validator, in registry order (source, entropy, snd, dev, then the
+             plug-ins'): the best `val_<name>`, highest or lowest as the validator declares
     oracle   highest target accuracy -- USES TARGET LABELS: an upper bound, not a method
 
 Ties (equal scores) go to the EARLIEST evaluation: the rule does not reward training longer
@@ -20,17 +18,17 @@ a rule whose column is absent or empty in every row of a run is a UserError nami
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 from domadapt.errors import UserError
+from domadapt.validators import VALIDATORS, Validator
 
-__all__ = ["RULES", "SelectionRule", "get_rule", "select", "select_runs", "selection_table"]
-
-_HOLDOUT_HINT = "train with --source-val-fraction > 0"
+__all__ = ["LAST", "ORACLE", "RULES", "SelectionRule", "get_rule", "select", "select_help",
+           "select_runs", "selection_table", "validator_rule"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +41,8 @@ class SelectionRule:
     higher_is_better: bool
     uses_target_labels: bool
     hint: str = ""  # how to get the column recorded, for the error message
+    text: str = ""  # what the chosen evaluation is, for the tables' notes
+    help: str = ""  # one phrase for the command line's --select help
 
     @property
     def label(self) -> str:
@@ -78,17 +78,53 @@ class SelectionRule:
         return frame.loc[scores.index[scores == best][0]].to_dict()
 
 
-RULES: dict[str, SelectionRule] = {
-    r.name: r
-    for r in (
-        SelectionRule("last", None, True, False),
-        SelectionRule("source", "val_source", True, False, _HOLDOUT_HINT),
-        SelectionRule("entropy", "val_entropy", False, False),
-        SelectionRule("snd", "val_snd", True, False),
-        SelectionRule("dev", "val_dev", False, False, _HOLDOUT_HINT),
-        SelectionRule("oracle", "target_acc", True, True),
-    )
-}
+LAST = SelectionRule("last", None, True, False,
+                     text="the last evaluation (metrics.json); no target labels used",
+                     help="default: the final one, metrics.json")
+ORACLE = SelectionRule(
+    "oracle", "target_acc", True, True,
+    text=("the evaluation with the highest target accuracy. It USES TARGET LABELS: an upper "
+          "bound on model selection, not a method, never the headline"),
+    help="best target accuracy: USES TARGET LABELS, an upper bound, not a method")
+
+
+def validator_rule(v: Validator) -> SelectionRule:
+    """The rule that picks the evaluation with the best score of validator `v`."""
+    best = "highest" if v.higher_is_better else "lowest"
+    return SelectionRule(v.name, v.column, v.higher_is_better, False, v.hint,
+                         text=f"the evaluation with the {best} {v.help}",
+                         help=f"{best} {v.help}" + (f"; {v.hint}" if v.hint else ""))
+
+
+def _rules() -> dict[str, SelectionRule]:
+    """last, one rule per validator (registry order), oracle (validators may not take the names
+    `last` and `oracle`: `validators.base.RULE_NAMES`)."""
+    rules = [LAST, *(validator_rule(v) for _, v in VALIDATORS.items()), ORACLE]
+    return {rule.name: rule for rule in rules}
+
+
+class _Rules(Mapping[str, SelectionRule]):
+    """name -> rule, read from the validator registry at every use (so a validator registered
+    at run time is a rule too)."""
+
+    def __getitem__(self, name: str) -> SelectionRule:
+        return _rules()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_rules())
+
+    def __len__(self) -> int:
+        return len(_rules())
+
+
+RULES: Mapping[str, SelectionRule] = _Rules()
+
+
+def select_help() -> str:
+    """The --select help: every rule, from the registry."""
+    return ("which logged evaluation of each run the tables report: "
+            + " | ".join(f"{r.name} ({r.help})" for r in RULES.values())
+            + ". Rules other than last write *_select-RULE files beside the default tables")
 
 
 def get_rule(name: str) -> SelectionRule:
@@ -131,16 +167,16 @@ def selection_table(
     frame: pd.DataFrame,
     by: Sequence[str],
     groups: Sequence[str] = ("method", "norm"),
-    rules: Iterable[str] = tuple(RULES),
+    rules: Iterable[str] | None = None,
 ) -> pd.DataFrame:
-    """Per rule (rows) and group (e.g. method/norm), the mean selected `target_acc` over runs
-    and its regret = oracle mean - rule mean (>= 0). Rules whose column these runs did not
-    record are left out. Columns: rule, uses_target_labels, *groups, target_acc, regret, runs.
+    """Per rule (rows; default: every rule) and group (e.g. method/norm), the mean selected
+    `target_acc` over runs and its regret = oracle mean - rule mean (>= 0). Rules whose column
+    these runs did not record are left out. Columns: rule, uses_target_labels, *groups, target_acc, regret, runs.
     """
     frame = _as_frame(frame)
     oracle = select_runs(frame, "oracle", by).groupby(list(groups))["target_acc"].mean()
     parts = []
-    for name in rules:
+    for name in tuple(RULES) if rules is None else rules:
         try:
             picked = select_runs(frame, name, by)
         except UserError:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from domadapt.data import domain_items, get_dataset, split_items
+from domadapt.data.datasets.officehome import OFFICEHOME_CLASSES
 from domadapt.data.manifest import read_manifest, scan_domain
-from domadapt.data.registry import OFFICEHOME_CLASSES
 from domadapt.data.testing import write_image_tree
 from domadapt.errors import UserError
 

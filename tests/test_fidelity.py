@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from domadapt.config import PRESETS, RunConfig, make_config
-from domadapt.data.registry import OFFICEHOME_CLASSES
+from domadapt.data.datasets.officehome import OFFICEHOME_CLASSES
 from domadapt.data.testing import write_image_tree
 
 

@@ -18,6 +18,8 @@ LAYERS is docs/DESIGN.md's list (lowest first), adjusted where the code has a be
   `hparam_search` (drawing a cell's trials) is layer 3 beside `config`.
 - `run_state.py` (what a run carries besides its modules: TrainState, seeds, the deferred
   stop) is layer 3 beside `rundir`, out of `engine` (which kept the loop and its hooks).
+- `presets` (named overrides of the RunConfig defaults, a registry) is layer 2 with the
+  other plug-in registries, below `config` (layer 3), which applies them.
 - `plots` is layer 4 with the tables it draws; `sweep/` and `analysis/` are layer 5.
 - `norms/gates.py` (the gate-record schema, gates.csv) is in layer 2 beside the BIN norm, so
   the results code (layer 4) reads it without importing `analysis` (layer 5).
@@ -39,7 +41,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (  # module or package prefixes, lowest la
      "domadapt.schedules", "domadapt.stats", "domadapt.system", "domadapt.distributed",
      "domadapt.provenance", "domadapt.distributions"),
     ("domadapt.nn", "domadapt.data", "domadapt.backbones", "domadapt.norms", "domadapt.methods",
-     "domadapt.selection", "domadapt.validators"),
+     "domadapt.selection", "domadapt.validators", "domadapt.presets"),
     ("domadapt.config", "domadapt.settings", "domadapt.models", "domadapt.evaluation",
      "domadapt.rundir", "domadapt.run_state", "domadapt.hparam_search"),
     ("domadapt.engine", "domadapt.train", "domadapt.tables", "domadapt.plots"),

@@ -39,6 +39,8 @@ from domadapt.errors import UserError
 from domadapt.io import read_json
 
 PRIMARY, SECONDARY, ORACLE = "primary", "secondary", "oracle (not tested)"
+# Pre-registered (results/pacs-long/README.md), so fixed here rather than read from the
+# validator registry: a validator added later does not join this Holm family.
 LABEL_FREE_RULES = ("source", "dev", "entropy", "snd")
 COLUMNS = ("family", "group", "comparison", "iteration", "n_tasks", "n_pairs", "mean_diff", "ci_low",
            "ci_high", "p_value", "p_holm", "verdict")

@@ -1,6 +1,7 @@
 """Dataset descriptors: domains (full and short names), classes, expected counts, root lookup.
 
-Every dataset lives on disk as ``<root>/<domain>/<class>/<image>``. A descriptor either fixes
+Every dataset lives on disk as ``<root>/<domain>/<class>/<image>``. The descriptors are in
+`DATASETS`, one module each in `domadapt.data.datasets`. A descriptor either fixes
 its domains and classes (``officehome``, ``pacs``, ``styledigits``) or discovers them from the
 root (``folder``: every sub-folder of the root is a domain, every sub-sub-folder a class; the
 reserved ``manifests/`` folder and what archive tools and notebooks leave behind -- hidden
@@ -16,9 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from domadapt.data import styledigits
 from domadapt.errors import UserError
-from domadapt.io import cache_dir
+from domadapt.registry import Registry
 
 MANIFEST_DIRNAME = "manifests"
 # Not data, skipped: archive tools' leftovers and the folder fsck keeps at a filesystem's root.
@@ -188,126 +188,28 @@ def quote_few(names: list[str], k: int = 3) -> str:
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def _materialize_styledigits() -> Path:
-    return styledigits.ensure_styledigits(cache_dir())
+# name -> descriptor. One module per dataset in `domadapt.data.datasets` registers its
+# descriptor when imported (`register_dataset`); the CLI's --dataset help and completion read it.
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-OFFICEHOME_CLASSES = (
-    "Alarm_Clock",
-    "Backpack",
-    "Batteries",
-    "Bed",
-    "Bike",
-    "Bottle",
-    "Bucket",
-    "Calculator",
-    "Calendar",
-    "Candles",
-    "Chair",
-    "Clipboards",
-    "Computer",
-    "Couch",
-    "Curtains",
-    "Desk_Lamp",
-    "Drill",
-    "Eraser",
-    "Exit_Sign",
-    "Fan",
-    "File_Cabinet",
-    "Flipflops",
-    "Flowers",
-    "Folder",
-    "Fork",
-    "Glasses",
-    "Hammer",
-    "Helmet",
-    "Kettle",
-    "Keyboard",
-    "Knives",
-    "Lamp_Shade",
-    "Laptop",
-    "Marker",
-    "Monitor",
-    "Mop",
-    "Mouse",
-    "Mug",
-    "Notebook",
-    "Oven",
-    "Pan",
-    "Paper_Clip",
-    "Pen",
-    "Pencil",
-    "Postit_Notes",
-    "Printer",
-    "Push_Pin",
-    "Radio",
-    "Refrigerator",
-    "Ruler",
-    "Scissors",
-    "Screwdriver",
-    "Shelf",
-    "Sink",
-    "Sneakers",
-    "Soda",
-    "Speaker",
-    "Spoon",
-    "TV",
-    "Table",
-    "Telephone",
-    "ToothBrush",
-    "Toys",
-    "Trash_Can",
-    "Webcam",
-)
-
-_DATASETS = (
-    DatasetSpec(
-        name="officehome",
-        description="Office-Home (Venkateswara et al., CVPR 2017): 65 office objects, 4 styles",
-        domains=(
-            Domain("Art", "Ar", 2427),
-            Domain("Clipart", "Cl", 4365),
-            Domain("Product", "Pr", 4439),
-            Domain("Real_World", "Rw", 4357, aliases=("Real World",)),
-        ),
-        classes=OFFICEHOME_CLASSES,
-    ),
-    DatasetSpec(
-        name="pacs",
-        description="PACS (Li et al., ICCV 2017): 7 classes in photo/art/cartoon/sketch style",
-        domains=(
-            Domain("art_painting", "A", 2048),
-            Domain("cartoon", "C", 2344),
-            Domain("photo", "P", 1670),
-            Domain("sketch", "S", 3929),
-        ),
-        classes=("dog", "elephant", "giraffe", "guitar", "horse", "house", "person"),
-    ),
-    DatasetSpec(
-        name="folder",
-        description="any <root>/<domain>/<class>/<image> tree (domains and classes from folders)",
-    ),
-    DatasetSpec(
-        name="styledigits",
-        description="embedded default: sklearn digits rendered in 4 styles, generated on demand",
-        domains=tuple(Domain(s.name, s.short, styledigits.NUM_IMAGES) for s in styledigits.STYLES),
-        classes=styledigits.CLASSES,
-        hflip=False,
-        materialize=_materialize_styledigits,
-    ),
-)
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Register `spec` under its (lower-case) name; twice: ValueError."""
+    if spec.name != spec.name.strip().lower():
+        raise ValueError(f"dataset name {spec.name!r}: use lower case, no surrounding spaces")
+    return DATASETS.register(spec.name, spec)
 
 
 def list_datasets() -> list[DatasetSpec]:
-    return list(_DATASETS)
+    return [spec for _, spec in DATASETS.items()]
 
 
 def get_dataset(name: str) -> DatasetSpec:
     """The descriptor called `name` (any case); UserError naming the choices otherwise."""
-    for spec in _DATASETS:
-        if spec.name == name.strip().lower():
-            return spec
-    raise UserError(f"unknown dataset {name!r}; choose from {', '.join(s.name for s in _DATASETS)}")
+    key = name.strip().lower()
+    if key not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS.names())}")
+    return DATASETS.get(key)
 
 
 def resolve_root(spec: DatasetSpec, root: str | Path | None) -> Path:

@@ -46,6 +46,10 @@ class NormKind:
     layer_type: ClassVar[type[nn.Module]]
     Hparams: ClassVar[type] = NoHparams
     help: ClassVar[str] = ""
+    # Its look in figures (`domadapt.plots`): a matplotlib marker, and the shade of the
+    # method's colour (0 light .. 1 dark). None: derived from the registry order.
+    plot_marker: ClassVar[str | None] = None
+    plot_shade: ClassVar[float | None] = None
 
     def build(self, old: nn.Module, hp: Any) -> nn.Module:
         """A new layer of this kind in place of `old` (`make_layer`), carrying `old`'s affine

@@ -11,3 +11,4 @@ class BatchNorm(NormKind):
     name = "bn"
     layer_type = nn.BatchNorm2d
     help = "BatchNorm (the pretrained network as it is)"
+    plot_marker, plot_shade = "o", 0.5

@@ -50,6 +50,7 @@ class BatchInstanceNorm(NormKind):
     layer_type = BatchInstanceNorm2d
     Hparams = BINHparams
     help = "Batch-Instance Normalization (gates rho = 1 at the start)"
+    plot_marker, plot_shade = "s", 0.9
 
     def special_params(self, model: nn.Module, hp: Any) -> SpecialParams:
         return SpecialParams("gate", all_params([model], BatchInstanceNorm2d, "rho"),

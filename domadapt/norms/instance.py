@@ -12,3 +12,4 @@ class InstanceNorm(NormKind):
     layer_type = nn.InstanceNorm2d
     tracks_running_stats = False
     help = "InstanceNorm (affine carried from BN, no running statistics)"
+    plot_marker, plot_shade = "^", 0.7

@@ -23,15 +23,6 @@ from domadapt.tables.comparisons import (
 )
 from domadapt.tables.records import FinishedRun, Layout
 
-RULE_TEXT = {  # what each rule's evaluation is, for the tables' notes
-    "last": "the last evaluation (metrics.json); no target labels used",
-    "source": "the evaluation with the highest accuracy on the held-out source split",
-    "entropy": "the evaluation with the lowest mean prediction entropy on the target",
-    "snd": "the evaluation with the highest soft neighborhood density on the target",
-    "dev": "the evaluation with the lowest deep-embedded-validation (DEV) risk",
-    "oracle": ("the evaluation with the highest target accuracy. It USES TARGET LABELS: an "
-               "upper bound on model selection, not a method, never the headline"),
-}
 
 def aggregate(scores: pd.DataFrame, rows: list[str],
               columns: dict[str, tuple[str | None, str]]) -> pd.DataFrame:
@@ -192,7 +183,7 @@ def selection_sections(selection: pd.DataFrame, layout: Layout
         part = selection[selection["setting"] == setting]
         if part.empty:
             continue
-        rules = [RULES[n].label for n in RULES if RULES[n].label in set(part["rule"])]
+        rules = [r.label for r in RULES.values() if r.label in set(part["rule"])]
         methods = list(layout.methods) if setting == "transfer" else sorted(set(part["method"]))
         table = pd.DataFrame(index=pd.Index(rules, name="rule"))
         for m in methods:

@@ -18,7 +18,6 @@ from domadapt.tables.comparisons import OVERALL_ROWS, provenance_note
 from domadapt.tables.frames import gate_totals_frame, gates_frame, selected_scores
 from domadapt.tables.records import FinishedRun, Layout, load_sweep, run_task
 from domadapt.tables.render import (
-    RULE_TEXT,
     interval,
     signed,
     wilcoxon_text,
@@ -168,7 +167,7 @@ def write_versus(a_dir: str | Path, b_dir: str | Path, out_dir: str | Path,
     }).set_index("method/norm")
     note = (f"A = `{a_dir}`, B = `{b_dir}`; they differ in {what}. Runs are paired by task "
             "(multi-domain: domain), method, norm and seed; accuracies in percent at the "
-            f"evaluation `--select {rule.name}` picks ({RULE_TEXT[rule.name]}). Per task: n "
+            f"evaluation `--select {rule.name}` picks ({rule.text}). Per task: n "
             "pairs, the means, B - A and its 95% Student-t interval; row `all`: every pair "
             "and the two-sided Wilcoxon signed-rank test; row `task means`: the tasks as the "
             "units, the mean of their mean differences, its t interval over tasks and the "

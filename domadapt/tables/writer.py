@@ -27,7 +27,6 @@ from domadapt.tables.frames import (
 )
 from domadapt.tables.records import load_sweep, relative_path
 from domadapt.tables.render import (
-    RULE_TEXT,
     TABLES,
     comparison_sections,
     selection_note,
@@ -73,7 +72,7 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
                  else selection_frame(runs, layout))
     sfx = "" if rule.name == "last" else f"_select-{rule.name}"
     command = record.get("command")
-    chosen = f"Evaluation reported per run (`--select {rule.name}`): {RULE_TEXT[rule.name]}."
+    chosen = f"Evaluation reported per run (`--select {rule.name}`): {rule.text}."
     chosen += " " + provenance_note(pairing_groups(runs, layout), "(task, seed) groups")
     if search:
         chosen += " " + search_note(every_run, record, rule.name)

@@ -1,91 +1,24 @@
-"""Unsupervised validators: scores of a model computed WITHOUT target labels, for model selection.
+"""Deep embedded validation, DEV (You et al., "Towards Accurate Model Selection in Deep
+Unsupervised Domain Adaptation", ICML 2019; lower is better): `dev_risk`, built from
+`dev_importance_weights` (domain-classifier density ratio) and `dev_weighted_risk`
+(importance-weighted loss with the control-variate correction). Pure functions, arrays in, a
+float out; nothing is trained but the seeded logistic-regression domain classifier.
 
-- `prediction_entropy`: mean entropy of the target predictions (lower is better).
-- `soft_neighborhood_density`: SND (Saito et al., "Tune it the Right Way: Unsupervised
-  Validation of Domain Adaptation via Soft Neighborhood Density", ICCV 2021; higher is better).
-- `dev_risk`: deep embedded validation (You et al., "Towards Accurate Model Selection in Deep
-  Unsupervised Domain Adaptation", ICML 2019; lower is better), built from
-  `dev_importance_weights` (domain-classifier density ratio) and `dev_weighted_risk`
-  (importance-weighted loss with the control-variate correction).
-
-All functions are pure: arrays or tensors in, a float out; nothing is trained but DEV's
-logistic-regression domain classifier, which is seeded.
+Logged as `val_dev`: importance-weighted cross-entropy on the source hold-out, weights from a
+domain classifier on bottleneck features of the source training split vs the target; None
+without a hold-out (--source-val-fraction) or with fewer than 2 hold-out images.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import torch
-import torch.nn.functional as F
 from numpy.typing import ArrayLike
-from torch import Tensor
+from torch import nn
 
-from domadapt.nn.losses import entropy_of_log_probs
+from domadapt.validators.base import HOLDOUT_HINT, EvalOutputs, register_validator
 
-__all__ = [
-    "dev_importance_weights",
-    "dev_risk",
-    "dev_weighted_risk",
-    "prediction_entropy",
-    "soft_neighborhood_density",
-]
+__all__ = ["dev_importance_weights", "dev_risk", "dev_weighted_risk"]
 
-
-def _as_2d_float(x: Tensor | ArrayLike, name: str) -> Tensor:
-    t = torch.as_tensor(x).detach()
-    if t.dim() != 2 or t.size(0) == 0 or t.size(1) == 0:
-        raise ValueError(f"{name}: expected a non-empty [N, K] array, got shape {tuple(t.shape)}")
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-
-
-def prediction_entropy(logits: Tensor | ArrayLike) -> float:
-    """Mean Shannon entropy (nats) of the softmax predictions: (1/N) sum_i H(softmax(z_i)),
-    H(p) = -sum_k p_k log p_k. Logits [N, K]. Range [0, log K]; lower = more confident.
-    """
-    log_p = F.log_softmax(_as_2d_float(logits, "logits"), dim=1)
-    return entropy_of_log_probs(log_p).mean().item()
-
-
-def soft_neighborhood_density(
-    scores: Tensor | ArrayLike,
-    temperature: float = 0.05,
-    *,
-    probabilities: bool = False,
-    chunk_size: int = 2048,
-) -> float:
-    """SND of the target predictions (Saito et al., ICCV 2021); higher is better.
-
-    With p_i = softmax(z_i) (or the given probabilities when `probabilities=True`),
-    f_i = p_i / ||p_i||_2, S_ij = f_i . f_j, and for each i the softmax over its neighbours
-    j != i (the diagonal is excluded exactly):
-
-        P_ij = exp(S_ij / tau) / sum_{l != i} exp(S_il / tau),
-        SND  = -(1/N) sum_i sum_{j != i} P_ij log P_ij,     tau = `temperature` (0.05).
-
-    (The authors' code masks the diagonal with S_ii = -1 instead of removing it and adds 1e-5
-    inside the log; both change SND by less than ~1e-5 relative.) Needs N >= 2. Computed in
-    row blocks of `chunk_size`, so memory is O(chunk_size * N).
-    """
-    s = _as_2d_float(scores, "scores")
-    n = s.size(0)
-    if n < 2:
-        raise ValueError(f"soft_neighborhood_density needs at least 2 samples, got {n}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    p = s if probabilities else F.softmax(s, dim=1)
-    f = F.normalize(p, p=2, dim=1)
-    total = torch.zeros((), dtype=torch.float64)
-    for start in range(0, n, chunk_size):
-        block = f[start:start + chunk_size] @ f.T / temperature  # [b, N]
-        rows = torch.arange(block.size(0))
-        block[rows, rows + start] = -math.inf  # drop each sample's similarity to itself
-        total += entropy_of_log_probs(F.log_softmax(block, dim=1)).double().sum()
-    return (total / n).item()
-
-
-# --------------------------------------------------------------------------- DEV
 
 def dev_importance_weights(
     source_features: ArrayLike,
@@ -183,3 +116,14 @@ def dev_risk(
     w = dev_importance_weights(source_features, target_features, val_features,
                                C=C, max_per_domain=max_per_domain, seed=seed)
     return dev_weighted_risk(w, val_losses)
+
+
+@register_validator("dev", higher_is_better=False, help="deep-embedded-validation (DEV) risk",
+                    hint=HOLDOUT_HINT)
+def val_dev(ev: EvalOutputs) -> float | None:
+    if ev.holdout is None or ev.source_features is None or len(ev.holdout.labels) < 2:
+        return None
+    logits, features, labels = ev.holdout
+    losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+    return dev_risk(ev.source_features.numpy(), ev.target_features.numpy(), features.numpy(),
+                    losses.numpy(), seed=ev.seed)
