@@ -15,7 +15,9 @@ backward needs only the per-(n, c) sums of g and g * (x - mu_nc) plus one elemen
 On CPU (float32/float64, NCHW or channels_last) each direction is one call into a small C
 kernel compiled on first use (`domadapt.nn.bin_kernel`; torch ops elsewhere), so a BIN layer costs
 what a BN layer costs and keeps for the backward what BN keeps plus one value per (n, c)
-(benchmarks/bench_bin.py).
+(benchmarks/bench_bin.py). Both directions are also custom operators (`domadapt::bin_forward`,
+`domadapt::bin_backward`, `domadapt.nn.bin_function`), which `torch.compile` traces as one graph
+node each, so a compiled BIN network has no graph break; eager calls the same code directly.
 """
 
 from __future__ import annotations

@@ -1,0 +1,163 @@
+"""BIN as custom operators (`domadapt::bin_forward`, `domadapt::bin_backward`): the same bits
+as the autograd Function they replaced (a frozen copy in tests/legacy/, run on a library built
+from the frozen kernel source), eager and traced; the operators pass `torch.library.opcheck`;
+a compiled BIN network has no graph break."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from domadapt.nn import BatchInstanceNorm2d, batch_instance_norm
+from domadapt.nn import bin_kernel as kernels
+from domadapt.norms import convert_norm
+
+LEGACY = Path(__file__).parent / "legacy"
+LEGACY_SOURCE_SHA256 = "060fac8586ff4e0dc06aeb5e36dd33ce9c86a30e454966fa6daabc4560e28dc3"
+C = 5
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """The autograd Function as it was (tests/legacy/bin_function.py), bound to the kernels
+    built from the frozen source with today's flags."""
+    source = LEGACY / "bin_kernels.c"
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == LEGACY_SOURCE_SHA256
+    spec = importlib.util.spec_from_file_location("legacy_bin_function",
+                                                  LEGACY / "bin_function.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    cc = shutil.which("cc")
+    if cc is not None and kernels.kernel_info()["kernel"] == "c":
+        lib = tmp_path_factory.mktemp("legacy") / "bin_kernels.so"
+        subprocess.run([cc, *kernels.kernel_info()["flags"], str(source), "-o", str(lib), "-lm"],
+                       check=True, capture_output=True, timeout=120)
+        module.load(str(lib))
+    return module
+
+
+@pytest.fixture(params=["c", "torch"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch,
+           legacy: ModuleType) -> str:
+    """Both sides through the C kernels, or both through the torch path."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "_c_library", lambda: None)
+        monkeypatch.setattr(legacy, "_LIB", [])
+    elif not legacy._LIB:
+        pytest.skip("C kernels unavailable here (no C compiler, or DOMADAPT_BIN_KERNEL=torch)")
+    return request.param
+
+
+def _inputs(seed: int, dtype: torch.dtype, channels_last: bool) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(4, C, 6, 7, generator=g, dtype=torch.float64)
+         * torch.rand(4, C, 1, 1, generator=g, dtype=torch.float64).add(0.5)
+         + torch.randn(4, C, 1, 1, generator=g, dtype=torch.float64)).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    rho, weight = torch.rand(C, generator=g, dtype=dtype), torch.rand(C, generator=g, dtype=dtype)
+    return [x, rho, weight.add(0.5), torch.randn(C, generator=g, dtype=dtype),
+            torch.randn(C, generator=g, dtype=dtype), torch.rand(C, generator=g, dtype=dtype) + 0.5]
+
+
+def _run(fn, inputs: list[Tensor], training: bool, seed: int,  # type: ignore[no-untyped-def]
+         g_like_y: bool = True) -> list[Tensor]:
+    """y, dx, drho, dweight, dbias and the running statistics after one step of `fn`; the
+    gradient laid out like y, or (not `g_like_y`) NCHW whatever y is."""
+    x, rho, weight, bias, mean, var = (t.clone() for t in inputs)
+    leaves = [t.requires_grad_() for t in (x, rho, weight, bias)]
+    y = fn(x, rho, weight, bias, mean, var, training)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+    g = torch.empty_like(y).copy_(g) if g_like_y else g
+    return [y, *torch.autograd.grad(y, leaves, g), mean, var]
+
+
+def _new(x, rho, weight, bias, mean, var, training):  # type: ignore[no-untyped-def]
+    return batch_instance_norm(x, rho, mean, var, weight, bias, training, 0.1, 1e-5)
+
+
+def assert_same_bits(a: list[Tensor], b: list[Tensor], what: str) -> None:
+    names = ("y", "dx", "drho", "dweight", "dbias", "running_mean", "running_var")
+    for name, u, v in zip(names, a, b, strict=True):
+        assert u.dtype == v.dtype and u.stride() == v.stride(), f"{what}: {name}"
+        assert torch.equal(u, v), f"{what}: {name} differs by {(u - v).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_same_bits_as_the_autograd_function_it_replaced(legacy, kernel, dtype, channels_last,
+                                                        training):
+    def old(x, rho, weight, bias, mean, var, training):  # type: ignore[no-untyped-def]
+        return legacy._BatchInstanceNormFn.apply(x, rho, weight, bias, mean, var, training,
+                                                 0.1, 1e-5)
+
+    for seed, g_like_y in ((0, True), (1, False)):
+        inputs = _inputs(seed, dtype, channels_last)
+        assert_same_bits(_run(_new, inputs, training, seed, g_like_y),
+                         _run(old, inputs, training, seed, g_like_y), f"seed {seed}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_traced_operator_gives_the_eager_bits(kernel, dtype, channels_last):
+    """Under torch.compile (aot_eager: the traced graph run by the operators themselves) a
+    training step gives the eager bits: forward, all gradients, running statistics. (The
+    gradient is laid out like y: the compiled backward takes it in y's layout, and the torch
+    path's sums round by the layout they run in.)"""
+    torch._dynamo.reset()
+    compiled = torch.compile(_new, backend="aot_eager", fullgraph=True)
+    for training in (True, False):
+        inputs = _inputs(0, dtype, channels_last)
+        assert_same_bits(_run(compiled, inputs, training, 0), _run(_new, inputs, training, 0),
+                         f"training={training}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_operators_pass_opcheck(kernel, channels_last):
+    """Schema, fake implementation (shapes, dtypes, strides), autograd registration and
+    tracing with dynamic shapes, as `torch.library.opcheck` checks them."""
+    for training in (True, False):
+        x, rho, weight, bias, mean, var = _inputs(0, torch.float64, channels_last)
+        args = (x.requires_grad_(), rho.requires_grad_(), weight.requires_grad_(),
+                bias.requires_grad_(), mean, var, training, 0.1, 1e-5)
+        torch.library.opcheck(torch.ops.domadapt.bin_forward.default, args)
+        _, save, _, _ = torch.ops.domadapt.bin_forward(*args)
+        g = torch.randn_like(x)
+        c_kernel = kernel == "c"
+        torch.library.opcheck(torch.ops.domadapt.bin_backward.default,
+                              (g, x.detach(), rho.detach(), weight.detach(), save, c_kernel,
+                               training, True))
+
+
+def tiny_network(norm: str, channels_last: bool = False) -> nn.Module:
+    """A small torchvision MobileNetV2 (width 0.25) with `norm` layers, in training mode."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=3, width_mult=0.25)
+    if norm != "bn":
+        convert_norm(model, norm)
+    for layer in model.modules():
+        if isinstance(layer, BatchInstanceNorm2d):
+            with torch.no_grad():
+                layer.rho.uniform_(0.2, 0.8)
+    model.train()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+@pytest.mark.parametrize("norm", ["bn", "bin", "in"])
+def test_no_graph_break_in_the_backbone(norm):
+    """torch._dynamo.explain over a whole training forward: one graph, no break (BIN is one
+    custom op; IN and BN are torch's own)."""
+    torch._dynamo.reset()
+    model = tiny_network(norm).train()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
