@@ -121,21 +121,23 @@ def test_traced_operator_gives_the_eager_bits(kernel, dtype, channels_last):
                          f"training={training}")
 
 
+@pytest.mark.parametrize("activation", ["none", "relu6"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_operators_pass_opcheck(kernel, channels_last):
+def test_operators_pass_opcheck(kernel, channels_last, activation):
     """Schema, fake implementation (shapes, dtypes, strides), autograd registration and
     tracing with dynamic shapes, as `torch.library.opcheck` checks them."""
     for training in (True, False):
         x, rho, weight, bias, mean, var = _inputs(0, torch.float64, channels_last)
         args = (x.requires_grad_(), rho.requires_grad_(), weight.requires_grad_(),
-                bias.requires_grad_(), mean, var, training, 0.1, 1e-5)
+                bias.requires_grad_(), mean, var, training, 0.1, 1e-5, activation)
         torch.library.opcheck(torch.ops.domadapt.bin_forward.default, args)
-        _, save, _, _ = torch.ops.domadapt.bin_forward(*args)
+        y, save, _, _ = torch.ops.domadapt.bin_forward(*args)
+        y = y.detach() if activation != "none" else None
         g = torch.randn_like(x)
         c_kernel = kernel == "c"
         torch.library.opcheck(torch.ops.domadapt.bin_backward.default,
-                              (g, x.detach(), rho.detach(), weight.detach(), save, c_kernel,
-                               training, True))
+                              (g, x.detach(), rho.detach(), weight.detach(), save, y, c_kernel,
+                               training, True, activation))
 
 
 def tiny_network(norm: str, channels_last: bool = False) -> nn.Module:

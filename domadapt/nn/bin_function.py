@@ -3,8 +3,8 @@
 norm layer (a ctypes call inside an autograd Function cannot be traced):
 
     domadapt::bin_forward(x, rho, weight?, bias?, running_mean?, running_var?, training,
-                          momentum, eps) -> (y, save, new_running_mean, new_running_var)
-    domadapt::bin_backward(g, x, rho, weight?, save, c_kernel, use_batch, need_x)
+                          momentum, eps, activation) -> (y, save, new_running_mean, new_running_var)
+    domadapt::bin_backward(g, x, rho, weight?, save, y?, c_kernel, use_batch, need_x, activation)
                           -> (dx, drho, dweight, dbias)
 
 Each op runs the C kernels on CPU where they apply (`domadapt.nn.bin_kernel`) and torch ops
@@ -15,6 +15,11 @@ them into the buffers, because an op with an autograd formula may not mutate its
 `register_fake` gives the compiler the outputs' shapes, dtypes and strides (for the torch path
 by running the torch code on fake tensors); `register_autograd` joins the two ops.
 The math: `domadapt.nn.bin` and `bin_backward_torch` below.
+
+`activation` ("none", "relu", "relu6") fuses the activation that follows the norm: the kernel
+clamps y in the pass that writes it and masks the gradient with y in the passes that read it
+(C), or the torch ops that BIN followed by nn.ReLU / nn.ReLU6 would run (torch path); either
+way the bits of BIN followed by the activation (`domadapt.nn.bin_fusion` applies it).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch.autograd.function import once_differentiable
 from domadapt.nn.bin_kernel import c_functions, c_library_for, memory_layout
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+ACTIVATIONS = {"none": 0, "relu": 1, "relu6": 2}  # name -> the C kernels' code
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -74,7 +80,7 @@ def _no_stats(x: Tensor) -> Tensor:
 
 def bin_forward_c(x: Tensor, rho: Tensor, weight: Tensor | None, bias: Tensor | None,
                   running_mean: Tensor | None, running_var: Tensor | None, training: bool,
-                  momentum: float, eps: float, in_place: bool = False
+                  momentum: float, eps: float, activation: str = "none", in_place: bool = False
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward in one C call. save [N C + 3 C] (x's dtype): rstd_nc, mu_B, rstd_B and the
     shift K = mean_n mu_nc (the backward recovers mu_nc from one pass over x - K). The updated
@@ -94,16 +100,21 @@ def bin_forward_c(x: Tensor, rho: Tensor, weight: Tensor | None, bias: Tensor | 
         x.data_ptr(), out.data_ptr(), n, c, h * w, memory_layout(x), rho.data_ptr(),
         weight.data_ptr(), bias.data_ptr(), _ptr(new_mean if update else running_mean),
         _ptr(new_var if update else running_var), int(use_batch), int(update), momentum, eps,
-        save.data_ptr(), torch.get_num_threads())
+        save.data_ptr(), torch.get_num_threads(), ACTIVATIONS[activation])
     if status != 0:
         raise MemoryError("BatchInstanceNorm2d: out of memory in the C kernel")
     return out, save, new_mean, new_var
 
 
 def bin_backward_c(g: Tensor, x: Tensor, rho: Tensor, weight: Tensor | None, save: Tensor,
-                   use_batch: bool, need_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The backward in one C call (dx empty when not `need_x`)."""
+                   y: Tensor | None, use_batch: bool, need_x: bool, activation: str = "none"
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward in one C call (dx empty when not `need_x`); y: the forward's output,
+    which masks g when an activation is fused."""
     n, c, h, w = x.shape
+    act = ACTIVATIONS[activation]
+    if act and (y is None or y.stride() != x.stride()):
+        raise ValueError(f"activation {activation!r}: the backward needs y laid out like x")
     if weight is None:
         weight = torch.ones(c, dtype=x.dtype)
     if g.dtype != x.dtype or g.stride() != x.stride():  # e.g. an expanded gradient
@@ -114,7 +125,8 @@ def bin_backward_c(g: Tensor, x: Tensor, rho: Tensor, weight: Tensor | None, sav
     status = c_functions(x.dtype)[1](
         g.data_ptr(), x.data_ptr(), grad_x.data_ptr() if need_x else None, n, c, h * w,
         memory_layout(x), rho.data_ptr(), weight.data_ptr(), save.data_ptr(), int(use_batch),
-        grad_rho.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(), torch.get_num_threads())
+        grad_rho.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(), torch.get_num_threads(),
+        _ptr(y) if act else None, act)
     if status != 0:
         raise MemoryError("BatchInstanceNorm2d: out of memory in the C kernel")
     return grad_x, grad_rho, grad_w, grad_b
@@ -124,8 +136,8 @@ def bin_backward_c(g: Tensor, x: Tensor, rho: Tensor, weight: Tensor | None, sav
 
 def bin_forward_torch(x: Tensor, rho: Tensor, weight: Tensor | None, bias: Tensor | None,
                       running_mean: Tensor | None, running_var: Tensor | None, training: bool,
-                      momentum: float, eps: float, in_place: bool = False
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      momentum: float, eps: float, activation: str = "none",
+                      in_place: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward in torch ops (any device, dtype, memory format). save [2 N C + 2 C] (the
     statistics dtype): mu_nc, rstd_nc, mu_B, rstd_B. Running statistics as `bin_forward_c`."""
     n, _, h, w = x.shape
@@ -166,11 +178,16 @@ def bin_forward_torch(x: Tensor, rho: Tensor, weight: Tensor | None, bias: Tenso
     save = torch.cat([mean_i.reshape(-1), rstd_i.reshape(-1), mean_b.reshape(-1),
                       rstd_b.reshape(-1)])
     out = _affine(x, _nc11(scale, x.dtype), _nc11(shift, x.dtype), out=out)
+    if activation == "relu":  # what nn.ReLU(inplace=True) runs
+        torch.relu_(out)
+    elif activation == "relu6":  # what nn.ReLU6(inplace=True) runs
+        torch.nn.functional.hardtanh(out, 0.0, 6.0, inplace=True)
     return out, save, new_mean, new_var
 
 
 def bin_backward_torch(g: Tensor, x: Tensor, rho: Tensor, weight: Tensor | None, save: Tensor,
-                       use_batch: bool, need_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       y: Tensor | None, use_batch: bool, need_x: bool,
+                       activation: str = "none") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The backward in torch ops. With M = H W and the per-(n, c) sums S_g = sum_hw g,
     S_c = sum_hw g (x - mu_nc) (centred, like BN's backward, so no cancellation),
     d_I = sum_hw g x_I = rstd_nc S_c and d_B = sum_hw g x_B = rstd_B (S_c + (mu_nc - mu_B) S_g):
@@ -187,8 +204,13 @@ def bin_backward_torch(g: Tensor, x: Tensor, rho: Tensor, weight: Tensor | None,
     of the gate; the c_B terms vanish when running statistics are used (eval), which are
     constants. The C kernel computes the same, from one pass summing g, g (x - K) and x - K in
     double (mu_nc = K + mean(x - K), S_c = sum g (x - K) - (mu_nc - K) S_g). Gradients are
-    returned in the statistics dtype; autograd casts them to the dtype of each input.
+    returned in the statistics dtype; autograd casts them to the dtype of each input. A fused
+    activation first masks g with y (the forward's output) as its own backward would.
     """
+    if activation == "relu":  # the backward of nn.ReLU(inplace=True)
+        g = torch.ops.aten.threshold_backward(g, y, 0)
+    elif activation == "relu6":  # the backward of nn.ReLU6(inplace=True)
+        g = torch.ops.aten.hardtanh_backward(g, y, 0.0, 6.0)
     n, c, h, w = x.shape
     m, nc = h * w, n * c
     sd = _stats_dtype(x.dtype)
@@ -226,22 +248,24 @@ def bin_backward_torch(g: Tensor, x: Tensor, rho: Tensor, weight: Tensor | None,
 
 def _forward_impl(x: Tensor, rho: Tensor, weight: Tensor | None, bias: Tensor | None,
                   running_mean: Tensor | None, running_var: Tensor | None, training: bool,
-                  momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """BIN forward: (y, save for the backward, updated running mean and variance, empty when
-    not updated)."""
+                  momentum: float, eps: float,
+                  activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BIN forward (and its fused activation): (y, save for the backward, updated running mean
+    and variance, empty when not updated)."""
     args = (x, rho, weight, bias, running_mean, running_var)
     if uses_c_kernel(*args):
-        return bin_forward_c(*args, training, momentum, eps)
-    return bin_forward_torch(*args, training, momentum, eps)
+        return bin_forward_c(*args, training, momentum, eps, activation)
+    return bin_forward_torch(*args, training, momentum, eps, activation)
 
 
 def _backward_impl(g: Tensor, x: Tensor, rho: Tensor, weight: Tensor | None, save: Tensor,
-                   c_kernel: bool, use_batch: bool,
-                   need_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """BIN backward: (dx, empty when not `need_x`; drho; dweight; dbias)."""
+                   y: Tensor | None, c_kernel: bool, use_batch: bool, need_x: bool,
+                   activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BIN backward: (dx, empty when not `need_x`; drho; dweight; dbias); y: the forward's
+    output (None without a fused activation)."""
     if c_kernel:
-        return bin_backward_c(g, x, rho, weight, save, use_batch, need_x)
-    return bin_backward_torch(g, x, rho, weight, save, use_batch, need_x)
+        return bin_backward_c(g, x, rho, weight, save, y, use_batch, need_x, activation)
+    return bin_backward_torch(g, x, rho, weight, save, y, use_batch, need_x, activation)
 
 
 bin_forward = torch.library.custom_op("domadapt::bin_forward", mutates_args=())(_forward_impl)
@@ -251,10 +275,11 @@ bin_backward = torch.library.custom_op("domadapt::bin_backward", mutates_args=()
 @bin_forward.register_fake
 def _bin_forward_fake(x: Tensor, rho: Tensor, weight: Tensor | None, bias: Tensor | None,
                       running_mean: Tensor | None, running_var: Tensor | None, training: bool,
-                      momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      momentum: float, eps: float,
+                      activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     args = (x, rho, weight, bias, running_mean, running_var)
     if not uses_c_kernel(*args):
-        return bin_forward_torch(*args, training, momentum, eps)
+        return bin_forward_torch(*args, training, momentum, eps, activation)
     n, c = x.shape[:2]
     update = _updates(training, running_mean, running_var)
     return (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device),
@@ -265,39 +290,40 @@ def _bin_forward_fake(x: Tensor, rho: Tensor, weight: Tensor | None, bias: Tenso
 
 @bin_backward.register_fake
 def _bin_backward_fake(g: Tensor, x: Tensor, rho: Tensor, weight: Tensor | None, save: Tensor,
-                       c_kernel: bool, use_batch: bool,
-                       need_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       y: Tensor | None, c_kernel: bool, use_batch: bool, need_x: bool,
+                       activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not c_kernel:
-        return bin_backward_torch(g, x, rho, weight, save, use_batch, need_x)
+        return bin_backward_torch(g, x, rho, weight, save, y, use_batch, need_x, activation)
     c = x.shape[1]
     grad_x = (torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
               if need_x else _no_stats(x))
     return grad_x, x.new_empty(c), x.new_empty(c), x.new_empty(c)
 
 
-def _save(ctx, inputs: tuple, save: Tensor, c_kernel: bool) -> None:  # type: ignore[no-untyped-def]
-    x, rho, weight, _, running_mean, running_var, training, _, _ = inputs
-    ctx.c_kernel = c_kernel
+def _save(ctx, inputs: tuple, out: Tensor, save: Tensor,  # type: ignore[no-untyped-def]
+          c_kernel: bool) -> None:
+    x, rho, weight, _, running_mean, running_var, training, _, _, activation = inputs
+    ctx.c_kernel, ctx.activation = c_kernel, activation
     ctx.use_batch = training or running_mean is None or running_var is None
-    ctx.save_for_backward(x, rho, weight, save)
+    ctx.save_for_backward(x, rho, weight, save, out if activation != "none" else None)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    _, save, new_mean, new_var = output
+    out, save, new_mean, new_var = output
     ctx.mark_non_differentiable(save, new_mean, new_var)
     ctx.set_materialize_grads(False)  # no zero gradients for those three
-    _save(ctx, inputs, save, uses_c_kernel(*inputs[:6]))
+    _save(ctx, inputs, out, save, uses_c_kernel(*inputs[:6]))
 
 
 def _grads(ctx, g: Tensor, backward: Callable[..., tuple[Tensor, ...]]
            ) -> tuple[Tensor | None, ...]:  # type: ignore[no-untyped-def]
-    x, rho, weight, save = ctx.saved_tensors
+    x, rho, weight, save, y = ctx.saved_tensors
     need = ctx.needs_input_grad[:4]
     if g is None:  # y was not used
-        return (None,) * 9
-    grads = backward(g, x, rho, weight, save, ctx.c_kernel, ctx.use_batch, need[0])
-    return (*(gr if n else None for gr, n in zip(grads, need, strict=True)),
-            None, None, None, None, None)
+        return (None,) * 10
+    grads = backward(g, x, rho, weight, save, y, ctx.c_kernel, ctx.use_batch, need[0],
+                     ctx.activation)
+    return (*(gr if n else None for gr, n in zip(grads, need, strict=True)), *(None,) * 6)
 
 
 bin_forward.register_autograd(
@@ -317,7 +343,7 @@ class _BatchInstanceNormFn(torch.autograd.Function):
         c_kernel = uses_c_kernel(*inputs[:6])
         out, save, _, _ = (bin_forward_c if c_kernel else bin_forward_torch)(*inputs,
                                                                              in_place=True)
-        _save(ctx, inputs, save, c_kernel)
+        _save(ctx, inputs, out, save, c_kernel)
         return out
 
     @staticmethod
@@ -336,6 +362,7 @@ def batch_instance_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    activation: str = "none",
 ) -> Tensor:
     """Functional BIN on [N, C, H, W]; the arguments mean what they mean in `F.batch_norm`.
 
@@ -343,14 +370,19 @@ def batch_instance_norm(
     given), and then updates the running statistics in place, r <- (1 - momentum) r +
     momentum s, with the unbiased batch variance; otherwise it uses the running statistics.
     The IN part always uses per-sample statistics. rho, weight, bias: shape [C].
+    `activation` ("relu", "relu6") applies that activation to the output in the same pass,
+    with the bits of `F.relu` / `F.relu6` applied afterwards.
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if input.dim() != 4:
         raise ValueError(f"expected a 4-d input [N, C, H, W], got {input.dim()}-d")
     if (training or running_mean is None) and input.numel() // input.size(1) <= 1:
         raise ValueError(
             f"expected more than 1 value per channel when training, got input size {input.shape}"
         )
-    args = (input, rho, weight, bias, running_mean, running_var, training, momentum, eps)
+    args = (input, rho, weight, bias, running_mean, running_var, training, momentum, eps,
+            activation)
     if not torch.compiler.is_compiling():  # eager: the operators' code, called directly
         return _BatchInstanceNormFn.apply(*args)
     # traced by torch.compile: the custom operator, one graph node
