@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from domadapt.nn import BatchInstanceNorm2d, batch_instance_norm
 from domadapt.nn import bin_kernel as kernels
+from domadapt.nn.bin_fusion import fuse_activations
 from domadapt.norms import convert_norm
 
 LEGACY = Path(__file__).parent / "legacy"
@@ -154,12 +155,14 @@ def tiny_network(norm: str, channels_last: bool = False) -> nn.Module:
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-@pytest.mark.parametrize("norm", ["bn", "bin", "in"])
+@pytest.mark.parametrize("norm", ["bn", "bin", "bin+act", "in"])
 def test_no_graph_break_in_the_backbone(norm):
     """torch._dynamo.explain over a whole training forward: one graph, no break (BIN is one
-    custom op; IN and BN are torch's own)."""
+    custom op, with or without its activation fused; IN and BN are torch's own)."""
     torch._dynamo.reset()
-    model = tiny_network(norm).train()
+    model = tiny_network(norm.removesuffix("+act")).train()
+    if norm == "bin+act":
+        assert fuse_activations(model) == 35
     explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
     assert explanation.graph_break_count == 0, [str(r.reason) for r in explanation.break_reasons]
     assert explanation.graph_count == 1
