@@ -41,9 +41,10 @@ PLUGIN_FIELDS = ("method_options", "norm_options")
 
 # Fields that do not change what a run computes: left out of the run key.
 NON_KEY_FIELDS = frozenset({"root", "num_workers", "eval_every", "checkpoint_every"})
-# Fields added after runs were recorded: in the run key only when set (not None), so a run
-# that leaves them at None keeps the key it had before they existed.
-KEY_WHEN_SET = frozenset({"eval_max_images", "hparams_seed", "hparams_trial"})
+# Fields added after runs were recorded: in the run key only when they differ from the value
+# every earlier run had (given here), so such a run keeps the key it had before they existed.
+KEY_WHEN_SET: dict[str, Any] = {"eval_max_images": None, "hparams_seed": None,
+                                "hparams_trial": None, "compile": False}
 
 RUN, DATA, OPT, EVAL, SYS = "Run", "Data", "Optimization", "Evaluation", "System"
 
@@ -118,6 +119,12 @@ class RunConfig:
     channels_last: bool | None = config_field(
         None, "channels_last memory layout (--no-channels-last: NCHW); default auto: on CUDA, "
         "and on CPU for the backbones where it was measured faster", SYS)
+    compile: bool = config_field(
+        False, "torch.compile the model and the method's heads (inductor; on CPU it needs a C++ "
+        "compiler). Pays on long runs: compiling costs about a minute per network and mode on a "
+        "CPU, once per process. Part of the run key when set: compiled kernels fuse and reorder "
+        "float operations, so a compiled run's numbers differ from the eager run's in rounding "
+        "(each is still exactly resumable)", SYS)
     seed: int = config_field(0, "random seed")
     hparams_seed: int | None = config_field(
         None, "seed of the hyper-parameter search that drew this run's values (`sweep "
@@ -216,7 +223,7 @@ class RunConfig:
         Pretrained weights from a file count by their content (`pretrained_sha256`), not by
         the path that named them: the same file named by another path is the same run."""
         d = {k: v for k, v in self.to_dict().items() if k not in NON_KEY_FIELDS
-             and not (k in KEY_WHEN_SET and v is None)}
+             and not (k in KEY_WHEN_SET and v == KEY_WHEN_SET[k])}
         digest = d.pop("pretrained_sha256")
         if digest:
             d["pretrained"] = f"sha256:{digest}"

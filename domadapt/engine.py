@@ -57,6 +57,7 @@ from domadapt.methods import Step, build_method, get_method
 from domadapt.models import DomainAdaptModel, build_model
 from domadapt.nn import build_sgd, set_lr
 from domadapt.nn.adabn import adapt_batch_stats, has_batch_stats
+from domadapt.nn.compiled import check_compiler, compile_modules, eager
 from domadapt.nn.domains import domain_labels
 from domadapt.norms import get_norm
 from domadapt.progress import progress
@@ -185,6 +186,9 @@ class Trainer:
                                    num_classes=len(data.classes)).to(self.device)
         if self.channels_last:
             self.method.to(memory_format=torch.channels_last)
+        if cfg.compile:  # in place: parameters, state_dict keys and references unchanged
+            check_compiler(self.device)
+            compile_modules(self.method)
         self.train_module: nn.Module = self.method
         if ctx.distributed:
             # BN / BIN statistics stay per process (b source + b target images each), not
@@ -314,7 +318,12 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         """Accuracy on every evaluation set, per-class accuracy on the result domains (pooled),
-        the validators, AdaBN accuracy (if asked), the norm's diagnostics."""
+        the validators, AdaBN accuracy (if asked), the norm's diagnostics. Eager under
+        --compile (`domadapt.nn.compiled.eager`): only training steps are compiled."""
+        with eager(self.cfg.compile):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, Any]:
         acc: dict[str, float] = {}
         scored = {name: self._outputs(self.model, name) for name in self.data.evals}
         for name, (logits, _, labels) in scored.items():

@@ -5,7 +5,9 @@ lives in `domadapt.nn.model`): a backbone, a bottleneck and a classifier.
 
 `f` (the bottleneck output) is what the domain discriminator sees and what analysis tools embed.
 Normalization layers are converted (`domadapt.norms.convert_norm`) *after* pretrained weights
-are loaded, so BIN starts from the pretrained BatchNorm exactly.
+are loaded, so BIN starts from the pretrained BatchNorm exactly; then a ReLU / ReLU6 module
+right after a BIN layer is fused into it (`domadapt.nn.bin_fusion`: the same bits, fewer
+passes over memory).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from domadapt.backbones import build_backbone
 from domadapt.errors import UserError
+from domadapt.nn.bin_fusion import fuse_activations
 from domadapt.nn.model import DomainAdaptModel
 from domadapt.norms import convert_norm, count_norm_layers
 
@@ -35,4 +38,5 @@ def build_model(cfg: RunConfig, num_classes: int, *,
         raise UserError(f"--norm {cfg.norm}: backbone {cfg.backbone} has no normalization "
                         f"layers to convert")
     convert_norm(backbone, cfg.norm, cfg.norm_options)
+    fuse_activations(backbone)  # BIN + ReLU/ReLU6 in a Sequential: one pass, the same bits
     return DomainAdaptModel(backbone, feature_dim, cfg.bottleneck_dim, num_classes)

@@ -34,6 +34,7 @@ from domadapt.errors import UserError
 from domadapt.models import DomainAdaptModel, build_model
 from domadapt.nn.bin import BatchInstanceNorm2d
 from domadapt.nn.bin_kernel import kernel_info
+from domadapt.nn.compiled import check_compiler, compile_info
 from domadapt.provenance import (
     code_version,
     hardware,
@@ -69,6 +70,8 @@ def run(cfg: RunConfig, run_dir: Path, *, device: str = "auto",
             finished = _agree(ctx, lambda: _check_run_dir(cfg, rd))
             if finished is not None:
                 return finished
+            if cfg.compile:  # before any work: no C++ compiler is one line
+                check_compiler(ctx.device)
             data = build_data(cfg)
             _agree(ctx, lambda: _check_same_data(rd, data))
             trainer = Trainer(cfg, data, rd, ctx, quiet=quiet)  # bad weights etc. fail here
@@ -175,6 +178,7 @@ def _record_launch(cfg: RunConfig, data: RunData, rd: RunDir, ctx: DistContext,
         "runtime": {
             "device": str(ctx.device), "world_size": ctx.world_size,
             "memory_format": "channels_last" if channels_last else "NCHW",
+            "compile": compile_info(ctx.device) if cfg.compile else None,
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             **hardware(ctx.device), "host": host_hash(), "command": portable_command(sys.argv),

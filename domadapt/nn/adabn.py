@@ -22,7 +22,6 @@ includes the spread between batch means. num_batches_tracked is set to the numbe
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from domadapt.nn.bin import BatchInstanceNorm2d
+from domadapt.nn.compiled import uncompiled_copy
 
 __all__ = ["adapt_batch_stats", "has_batch_stats"]
 
@@ -99,7 +99,7 @@ def adapt_batch_stats(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
     images; tensors or (images, ...) tuples, already on the model's device). See the module
     docstring. No batches -> ValueError. A batch of one sample (the remainder of a loader) is
     joined to the batch before it: a 1-d BatchNorm cannot normalise one sample in train mode."""
-    adapted = copy.deepcopy(model)
+    adapted = uncompiled_copy(model)  # eager: a deep copy would run the original's compiled forward
     flags = {name: m.training for name, m in adapted.named_modules()}
     layers = {name: m for name, m in adapted.named_modules() if _adaptable(m)}
     moments = {name: _Moments() for name in layers}

@@ -15,7 +15,9 @@ backward needs only the per-(n, c) sums of g and g * (x - mu_nc) plus one elemen
 On CPU (float32/float64, NCHW or channels_last) each direction is one call into a small C
 kernel compiled on first use (`domadapt.nn.bin_kernel`; torch ops elsewhere), so a BIN layer costs
 what a BN layer costs and keeps for the backward what BN keeps plus one value per (n, c)
-(benchmarks/bench_bin.py).
+(benchmarks/bench_bin.py). Both directions are also custom operators (`domadapt::bin_forward`,
+`domadapt::bin_backward`, `domadapt.nn.bin_function`), which `torch.compile` traces as one graph
+node each, so a compiled BIN network has no graph break; eager calls the same code directly.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ class BatchInstanceNorm2d(_NormBase):
     unbiased running variance, running statistics in eval); the IN part always uses the
     statistics of each sample. Keep rho in [0, 1] with the optimizer clamp
     (`domadapt.nn.optim.attach_gate_clamp`). Statistics are float32 under autocast; the
-    output has the input's dtype and memory format.
+    output has the input's dtype and memory format. `activation` ("relu", "relu6"; default
+    "none") applies that activation in the same pass, bit-identical to the module after it
+    (set by `domadapt.nn.bin_fusion.fuse_activations`; not part of the state dict).
     """
 
     def __init__(
@@ -67,11 +71,17 @@ class BatchInstanceNorm2d(_NormBase):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        activation: str = "none",
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.rho = nn.Parameter(torch.ones(num_features, device=device, dtype=dtype))
+        self.activation = activation
+
+    def extra_repr(self) -> str:
+        fused = f", activation={self.activation}" if self.activation != "none" else ""
+        return super().extra_repr() + fused
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -112,7 +122,7 @@ class BatchInstanceNorm2d(_NormBase):
             input, self.rho,
             self.running_mean if keep_running else None,
             self.running_var if keep_running else None,
-            self.weight, self.bias, use_batch, factor, self.eps,
+            self.weight, self.bias, use_batch, factor, self.eps, self.activation,
         )
 
 

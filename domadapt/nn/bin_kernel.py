@@ -204,9 +204,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for sfx in _C_TYPES.values():
         fwd, bwd = getattr(lib, f"bin_forward_{sfx}"), getattr(lib, f"bin_backward_{sfx}")
         fwd.argtypes = [ptr, ptr, i64, i64, i64, i32, ptr, ptr, ptr, ptr, ptr, i32, i32, f64,
-                        f64, ptr, i32]
+                        f64, ptr, i32, i32]
         bwd.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, ptr, ptr, ptr, i32, ptr, ptr, ptr,
-                        i32]
+                        i32, ptr, i32]
         fwd.restype = bwd.restype = i32
     _c_fns.update({dtype: (getattr(lib, f"bin_forward_{sfx}"), getattr(lib, f"bin_backward_{sfx}"))
                    for dtype, sfx in _C_TYPES.items()})

@@ -7,6 +7,12 @@
 #include <stdlib.h>
 
 #define BIN_ROWS 64 /* rows summed in the input precision before adding in double */
+#ifdef _OPENMP
+#include <omp.h>
+#define BIN_THREAD omp_get_thread_num()
+#else
+#define BIN_THREAD 0
+#endif
 
 /* Scratch memory, kept per calling thread and grown as needed: a fresh malloc of the
    [N, C] work arrays per call costs page faults that rival a small layer's arithmetic. */
@@ -32,16 +38,30 @@ static void div_by(double *v, int64_t n, int64_t d) {
     }
 }
 
+/* An activation fused into the norm (act 1: ReLU, 2: ReLU6), as torch computes it: the
+   output clamped to [lo, hi] (NaN and -0.0 kept; hi = NaN for ReLU: no upper bound), and the
+   gradient kept where the output w lies strictly inside (NaN: kept), 0 elsewhere. */
+#define BIN_KEEP(w, lo, hi) (!((w) <= (lo) || (w) >= (hi)))
+
 #define BIN_KERNELS(T, SFX, SQRT)                                                                   \
 /* Per (n, c). mu (a per-channel shift K) given: s1 = sum_i u, s2 = sum_i u (v - K),       \
-   s3 = sum_i (v - K); mu NULL: s1 = mean of u, s2 = sum_i (u - s1)^2 (two-pass). */       \
+   s3 = sum_i (v - K); mu NULL: s1 = mean of u, s2 = sum_i (u - s1)^2 (two-pass). With mu,  \
+   w (not NULL) masks u: u where BIN_KEEP(w), else 0 (an activation's gradient); layout 0   \
+   then needs rows: M values of T per thread. */                                            \
 static void sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C,           \
                       int64_t M, int layout, double *s1, double *s2, double *s3, T *tmp,    \
-                      int nt) {                                                             \
+                      const T *w, T lo, T hi, T *rows, int nt) {                            \
     if (layout == 0) {                                                                      \
         _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
         for (int64_t nc = 0; nc < N * C; ++nc) {                                            \
             const T *ur = u + nc * M, *vr = v + nc * M;                                     \
+            if (w) { /* the masked row first: then the very loop (same vector code, so      \
+                        the same sums) that an unfused, already masked gradient meets */    \
+                T *gm = rows + (int64_t)BIN_THREAD * M; const T *wr = w + nc * M;           \
+                _Pragma("omp simd")                                                         \
+                for (int64_t i = 0; i < M; ++i) gm[i] = BIN_KEEP(wr[i], lo, hi) ? ur[i] : (T)0;\
+                ur = gm;                                                                    \
+            }                                                                               \
             double a = 0.0, b = 0.0, e = 0.0, m = mu ? (double)mu[nc % C] : 0.0;            \
             if (!mu) {                                                                      \
                 _Pragma("omp simd reduction(+:a)")                                          \
@@ -75,6 +95,7 @@ static void sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C
                     /* first row initialises the accumulators (x, not 0 + x: same value) */ \
                     for (int64_t i = i0; i < i1; ++i) {                                     \
                         const T *ur = un + i * C, *vr = vn + i * C;                         \
+                        const T *wr = w ? w + (n * M + i) * C : 0;                          \
                         if (pass == 0 && i == i0) {                                         \
                             _Pragma("omp simd")                                             \
                             for (int64_t c = 0; c < C; ++c) fa[c] = ur[c];                  \
@@ -86,6 +107,19 @@ static void sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C
                             _Pragma("omp simd")                                             \
                             for (int64_t c = 0; c < C; ++c) {                               \
                                 T d = ur[c] - m[c]; fb[c] = first ? d * d : fb[c] + d * d;  \
+                            }                                                               \
+                        } else if (wr && i == i0) {                                         \
+                            _Pragma("omp simd")                                             \
+                            for (int64_t c = 0; c < C; ++c) {                               \
+                                T g = BIN_KEEP(wr[c], lo, hi) ? ur[c] : (T)0;               \
+                                T d = vr[c] - m[c]; fa[c] = g; fb[c] = g * d; fe[c] = d;    \
+                            }                                                               \
+                        } else if (wr) {                                                    \
+                            _Pragma("omp simd")                                             \
+                            for (int64_t c = 0; c < C; ++c) {                               \
+                                T g = BIN_KEEP(wr[c], lo, hi) ? ur[c] : (T)0;               \
+                                T d = vr[c] - m[c];                                         \
+                                fa[c] += g; fb[c] += g * d; fe[c] += d;                     \
                             }                                                               \
                         } else if (i == i0) {                                               \
                             _Pragma("omp simd")                                             \
@@ -128,18 +162,32 @@ static void sums_##SFX(const T *u, const T *v, const T *mu, int64_t N, int64_t C
         }                                                                                   \
     }                                                                                       \
 }                                                                                           \
-/* y = a u + b, or a u + p v + b when p is given (a, p, b per (n, c)) */                    \
+/* y = a u + b, or a u + p v + b when p is given (a, p, b per (n, c)); with p, w (not NULL) \
+   masks u as in sums_; without p, act clamps y to [lo, hi] (BIN_KEEP's comment) */         \
 static void affine_##SFX(const T *u, const T *v, T *y, int64_t N, int64_t C, int64_t M,     \
-                         int layout, const T *a, const T *p, const T *b, int nt) {          \
+                         int layout, const T *a, const T *p, const T *b, const T *w,        \
+                         T lo, T hi, int act, int nt) {                                     \
     if (layout == 0) {                                                                      \
         _Pragma("omp parallel for num_threads(nt) if (nt > 1) schedule(static)")            \
         for (int64_t nc = 0; nc < N * C; ++nc) {                                            \
             const T *ur = u + nc * M, *vr = v + nc * M; T *yr = y + nc * M;                 \
             const T an = a[nc], bn = b[nc];                                                 \
-            if (p) {                                                                        \
+            if (p && w) {                                                                   \
+                const T pn = p[nc], *wr = w + nc * M;                                       \
+                _Pragma("omp simd")                                                         \
+                for (int64_t i = 0; i < M; ++i) {                                           \
+                    const T g = BIN_KEEP(wr[i], lo, hi) ? ur[i] : (T)0;                     \
+                    yr[i] = an * g + pn * vr[i] + bn;                                       \
+                }                                                                           \
+            } else if (p) {                                                                 \
                 const T pn = p[nc];                                                         \
                 _Pragma("omp simd")                                                         \
                 for (int64_t i = 0; i < M; ++i) yr[i] = an * ur[i] + pn * vr[i] + bn;       \
+            } else if (act) {                                                               \
+                _Pragma("omp simd")                                                         \
+                for (int64_t i = 0; i < M; ++i) {                                           \
+                    T t = an * ur[i] + bn; t = t < lo ? lo : t; yr[i] = t > hi ? hi : t;    \
+                }                                                                           \
             } else {                                                                        \
                 _Pragma("omp simd")                                                         \
                 for (int64_t i = 0; i < M; ++i) yr[i] = an * ur[i] + bn;                    \
@@ -152,9 +200,22 @@ static void affine_##SFX(const T *u, const T *v, T *y, int64_t N, int64_t C, int
             for (int64_t i = 0; i < M; ++i) {                                               \
                 const int64_t o = (n * M + i) * C;                                          \
                 const T *ur = u + o, *vr = v + o; T *yr = y + o;                            \
-                if (p) {                                                                    \
+                if (p && w) {                                                               \
+                    const T *wr = w + o;                                                    \
+                    _Pragma("omp simd")                                                     \
+                    for (int64_t c = 0; c < C; ++c) {                                       \
+                        const T g = BIN_KEEP(wr[c], lo, hi) ? ur[c] : (T)0;                 \
+                        yr[c] = an[c] * g + pn[c] * vr[c] + bn[c];                          \
+                    }                                                                       \
+                } else if (p) {                                                             \
                     _Pragma("omp simd")                                                     \
                     for (int64_t c = 0; c < C; ++c) yr[c] = an[c] * ur[c] + pn[c] * vr[c] + bn[c]; \
+                } else if (act) {                                                           \
+                    _Pragma("omp simd")                                                     \
+                    for (int64_t c = 0; c < C; ++c) {                                       \
+                        T t = an[c] * ur[c] + bn[c]; t = t < lo ? lo : t;                   \
+                        yr[c] = t > hi ? hi : t;                                            \
+                    }                                                                       \
                 } else {                                                                    \
                     _Pragma("omp simd")                                                     \
                     for (int64_t c = 0; c < C; ++c) yr[c] = an[c] * ur[c] + bn[c];          \
@@ -165,18 +226,18 @@ static void affine_##SFX(const T *u, const T *v, T *y, int64_t N, int64_t C, int
 }                                                                                           \
 /* Forward. running_*: may be NULL when use_batch and not update. save [N C + 3 C]: rstd_i, \
    mean_b, rstd_b, and K = mean_n mu_i (the backward's shift). Returns 0, or -1 when out   \
-   of memory (nothing written). */                                                         \
+   of memory (nothing written). act: 0, or the activation applied to y (BIN_KEEP). */       \
 int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int layout,        \
                       const T *rho, const T *gamma, const T *beta, T *running_mean,          \
                       T *running_var, int use_batch, int update, double momentum,           \
-                      double eps, T *save, int nt) {                                        \
+                      double eps, T *save, int nt, int act) {                               \
     const int64_t NC = N * C;                                                               \
     double *mi = (double *)bin_scratch(sizeof(double) * (2 * NC + 3 * C)                    \
                                        + sizeof(T) * (6 * NC + 3 * C));                     \
     if (!mi) return -1;                                                                     \
     T *ab = (T *)(mi + 2 * NC + 3 * C), *tmp = ab + 2 * NC + 3 * C;                         \
     double *vi = mi + NC, *mb = vi + NC, *vb = mb + C, *kb = vb + C;                        \
-    sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, 0, tmp, nt);                               \
+    sums_##SFX(x, x, 0, N, C, M, layout, mi, vi, 0, tmp, 0, 0, 0, 0, nt);                   \
     for (int64_t c = 0; c < C; ++c) { mb[c] = 0.0; vb[c] = 0.0; kb[c] = 0.0; }              \
     for (int64_t n = 0; n < N; ++n) { /* loops over c: independent per c, vectorised */     \
         _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) kb[c] += mi[n * C + c];         \
@@ -220,24 +281,30 @@ int bin_forward_##SFX(const T *x, T *y, int64_t N, int64_t C, int64_t M, int lay
             sr[c] = ri; an[c] = a0[c] + ai; bn[c] = b0[c] - ai * m;                         \
         }                                                                                   \
     }                                                                                       \
-    affine_##SFX(x, x, y, N, C, M, layout, ab, 0, ab + NC, nt);                             \
+    const T lo = 0, hi = act == 2 ? (T)6 : (T)NAN;                                          \
+    affine_##SFX(x, x, y, N, C, M, layout, ab, 0, ab + NC, 0, lo, hi, act, nt);             \
     return 0;                                                                               \
 }                                                                                           \
-/* Backward (formulas in _BatchInstanceNormFn). dx, grad_*: NULL when not wanted.           \
+/* Backward (formulas in bin_function.bin_backward_torch). dx, grad_*: NULL when not        \
+   wanted. act: 0, or the activation fused into the forward, whose output y masks g.        \
    Returns 0, or -1 when out of memory (nothing written). */                                \
 int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int64_t M,     \
                        int layout, const T *rho, const T *gamma, const T *save,             \
-                       int use_batch, T *grad_rho, T *grad_w, T *grad_b, int nt) {          \
+                       int use_batch, T *grad_rho, T *grad_w, T *grad_b, int nt,            \
+                       const T *y, int act) {                                               \
     const int64_t NC = N * C;                                                               \
     double *mi = (double *)bin_scratch(sizeof(double) * (4 * NC + 3 * C)                    \
-                                       + sizeof(T) * (7 * NC + 4 * C));                     \
+                                       + sizeof(T) * (7 * NC + 4 * C)                       \
+                                       + (act ? sizeof(T) * (size_t)(nt > 1 ? nt : 1) * M : 0));\
     if (!mi) return -1;                                                                     \
     T *coef = (T *)(mi + 4 * NC + 3 * C), *tmp = coef + 3 * NC + 4 * C;                     \
     double *sg = mi + NC, *sc = sg + NC, *se = sc + NC, *tg = se + NC, *tb = tg + C, *ti = tb + C; \
     const T *ri = save, *mb = save + NC, *rb = mb + C, *kb = rb + C;                        \
     /* one pass: S_g, sum g (x - K), sum (x - K); then mu_i = K + sum (x - K) / M and       \
        S_c = sum g (x - K) - (mu_i - K) S_g, all in double (K is near every mu_i) */        \
-    sums_##SFX(g, x, kb, N, C, M, layout, sg, sc, se, tmp, nt);                             \
+    const T lo = 0, hi = act == 2 ? (T)6 : (T)NAN, *w = act ? y : 0;                        \
+    sums_##SFX(g, x, kb, N, C, M, layout, sg, sc, se, tmp, w, lo, hi,                       \
+               tmp + 4 * NC, nt);                                                           \
     for (int64_t c = 0; c < C; ++c) { tg[c] = 0.0; tb[c] = 0.0; ti[c] = 0.0; }              \
     for (int64_t n = 0; n < N; ++n) { /* loops over c: independent per c, vectorised */     \
         div_by(se + n * C, C, M);                                                           \
@@ -279,7 +346,8 @@ int bin_backward_##SFX(const T *g, const T *x, T *dx, int64_t N, int64_t C, int6
             }                                                                               \
         }                                                                                   \
     }                                                                                       \
-    if (dx) affine_##SFX(g, x, dx, N, C, M, layout, coef, coef + NC, coef + 2 * NC, nt);    \
+    if (dx) affine_##SFX(g, x, dx, N, C, M, layout, coef, coef + NC, coef + 2 * NC, w, lo,  \
+                         hi, 0, nt);                                                        \
     return 0;                                                                               \
 }
 

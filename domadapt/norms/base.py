@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from domadapt.errors import UserError
+from domadapt.nn.bin_fusion import FusedActivation, unfuse_activations
 from domadapt.registry import NoHparams, Registry, make_hparams
 
 
@@ -149,6 +150,9 @@ def _norm_types() -> tuple[type[nn.Module], ...]:
 def _wrapped(old: nn.Module, new: nn.Module, kind: str) -> nn.Module:
     """Keep what a subclass of a norm layer does after normalizing (timm's BatchNormAct2d:
     dropout, then activation), or refuse in one line when that is unknown."""
+    fused = getattr(old, "activation", "none")  # a lone BIN layer with an activation fused
+    if fused != "none" and not isinstance(new, type(old)):
+        return nn.Sequential(new, FusedActivation(fused, inplace=True).restored())
     if type(old) in _norm_types():
         return new
     drop, act = getattr(old, "drop", None), getattr(old, "act", None)
@@ -165,8 +169,11 @@ def convert_norm(model: nn.Module, kind: str, options: dict[str, Any] | None = N
 
     Layers already of `kind` (or a subclass) are kept, so converting twice is a no-op; BN ->
     BIN leaves a network's outputs unchanged in train and eval mode; BIN -> BN drops rho.
-    Returns `model`, or the new layer when `model` is itself a norm layer.
+    Activations fused into BIN layers (`domadapt.nn.bin_fusion`) are put back as modules
+    first (fuse again after converting). Returns `model`, or the new layer when `model` is
+    itself a norm layer.
     """
+    unfuse_activations(model)
     target = get_norm(kind)
     return target.convert(model, norm_hparams(kind, options))
 
