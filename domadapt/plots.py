@@ -111,7 +111,6 @@ def gates_sweep_figure(gates: pd.DataFrame, title: str,
     groups = list(gates.groupby(list(by), sort=True))
     fig = new_figure(12.0, 4.6)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2.2, 1]})
-    width = 0.8 / max(len(groups), 1)
     for i, (values, g) in enumerate(groups):
         runs = int(g["n_runs"].max())
         color = _colors(len(groups))[i]
@@ -119,9 +118,8 @@ def gates_sweep_figure(gates: pd.DataFrame, title: str,
         g = g.sort_values("depth")
         left.plot(g["depth"], g["mean"], color=color, marker="o", markersize=3, label=label)
         left.plot(g["depth"], g["min"], color=color, linestyle=":", linewidth=1)
-        counts = g[hist].sum().to_numpy(dtype=float)
-        right.bar(np.arange(len(hist)) + (i - (len(groups) - 1) / 2) * width,
-                  counts / max(counts.sum(), 1.0), width=width, color=color, label=label)
+        _gate_share_bars(right, g[hist].sum().to_numpy(dtype=float), i, len(groups), color,
+                         label)
     for y in (0.1, 0.9):
         left.axhline(y, color="grey", linestyle=":", linewidth=0.8)
     left.set_ylim(-0.03, 1.03)
@@ -130,11 +128,7 @@ def gates_sweep_figure(gates: pd.DataFrame, title: str,
     left.set_ylabel("gate ρ: mean over runs (solid), lowest (dotted)")
     # the right panel's upper left is empty (few gates in the low bins): the legend goes there
     right.legend(*left.get_legend_handles_labels(), loc="upper left", fontsize=7)
-    right.set_yscale("log")
-    right.set_xticks(np.arange(len(hist)), [f"{k / 10:.1f}" for k in range(len(hist))],
-                     fontsize=7)
-    right.set_xlabel("gate ρ, bin starting at")
-    right.set_ylabel("share of all gates")
+    _gate_share_axis(right, len(hist))
     fig.suptitle(title)
     return fig
 
@@ -160,27 +154,38 @@ def evidence_figure(trajectory: pd.DataFrame, gates: pd.DataFrame, title: str) -
     left.set_title("difference, 95 % t interval over tasks", fontsize=9)
     hist = [c for c in gates.columns if c.startswith("hist_")]
     groups = list(gates.groupby("group", sort=False))
-    width = 0.8 / max(len(groups), 1)
     for i, (label, g) in enumerate(groups):
         g = g.sort_values("depth")
         color = _colors(len(groups))[i]
         rel = (g["depth"] - g["depth"].min()) / max(g["depth"].max() - g["depth"].min(), 1)
         middle.plot(rel, g["mean"], color=color, marker="o", markersize=3, label=label)
-        counts = g[hist].sum().to_numpy(dtype=float)
-        right.bar(np.arange(len(hist)) + (i - (len(groups) - 1) / 2) * width,
-                  counts / max(counts.sum(), 1.0), width=width, color=color, label=label)
+        _gate_share_bars(right, g[hist].sum().to_numpy(dtype=float), i, len(groups), color,
+                         label)
     middle.set_ylim(-0.03, 1.03)
     middle.set_xlabel("relative depth of the BIN layer (0 = first, 1 = last)")
     middle.set_ylabel("mean gate ρ over runs (1 = BN)")
     if groups:
         middle.legend(fontsize=7, loc="lower right")
-    right.set_yscale("log")
-    right.set_xticks(np.arange(len(hist)), [f"{k / 10:.1f}" for k in range(len(hist))],
-                     fontsize=7)
-    right.set_xlabel("gate ρ, bin starting at")
-    right.set_ylabel("share of all gates")
+    _gate_share_axis(right, len(hist))
     fig.suptitle(title)
     return fig
+
+
+def _gate_share_bars(ax: Axes, counts: np.ndarray, i: int, n_groups: int, color: object,
+                     label: str) -> None:
+    """Group i of n_groups: the share of its gates in each tenth of [0, 1], as bars side by
+    side with the other groups' (`counts`: gates per tenth)."""
+    width = 0.8 / max(n_groups, 1)
+    ax.bar(np.arange(len(counts)) + (i - (n_groups - 1) / 2) * width,
+           counts / max(counts.sum(), 1.0), width=width, color=color, label=label)
+
+
+def _gate_share_axis(ax: Axes, n_bins: int) -> None:
+    """Log share axis, one tick per tenth of [0, 1] (see `_gate_share_bars`)."""
+    ax.set_yscale("log")
+    ax.set_xticks(np.arange(n_bins), [f"{k / 10:.1f}" for k in range(n_bins)], fontsize=7)
+    ax.set_xlabel("gate ρ, bin starting at")
+    ax.set_ylabel("share of all gates")
 
 
 def tsne_figure(
