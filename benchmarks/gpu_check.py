@@ -1,6 +1,6 @@
 """GPU check (`make gpu-check`): the one command to run the first time a CUDA machine is at hand.
 
-At most ~10 minutes, every step with its own time limit:
+At most 10 minutes (a device call's limit), every step with its own time limit:
 1. The CUDA tests (`-k cuda` in tests/test_bin.py and tests/test_devices.py): the fused BIN
    layer against the two-pass reference on the GPU (float64/float32, both layouts), bf16
    autocast, and a short training run on CUDA with AMP and channels_last.
@@ -10,9 +10,11 @@ At most ~10 minutes, every step with its own time limit:
    batch 32 + 32): on ../shared/data/pacs (art_painting -> sketch) with
    ../shared/weights/mobilenet_v2_imagenet_features.pth when present, else on the embedded
    styledigits (gray -> sketch) from scratch.
+4. The same run with `--compile` (issue #29: BIN as custom operators under torch.compile, with
+   bf16 autocast): summary.md sets its images per second and accuracy beside the eager run's.
 
 Everything goes to benchmarks/gpu/<device name>/: each step's output (`*.txt`), the run
-directory (`run/`) and `summary.md` (device, torch, each step's status and time, the run's
+directories (`run/`, `run-compiled/`) and `summary.md` (device, torch, each step's status and time, the run's
 accuracy). Without a CUDA device it prints one line and exits 0. Exit status: 0 when every
 step passed, else 1.
 """
@@ -62,10 +64,12 @@ def steps(out: Path) -> list[Step]:
              "--out", str(out / "run")]
     return [
         Step("cuda-tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-                            "tests/test_bin.py", "tests/test_devices.py"], 180),
-        Step("bench-float32", [*bench, "--dtype", "float32"], 120),
-        Step("bench-bfloat16", [*bench, "--dtype", "bfloat16"], 120),
-        Step("dann-bin-amp-200", train, 180),
+                            "tests/test_bin.py", "tests/test_devices.py"], 150),
+        Step("bench-float32", [*bench, "--dtype", "float32"], 100),
+        Step("bench-bfloat16", [*bench, "--dtype", "bfloat16"], 100),
+        Step("dann-bin-amp-200", train, 120),
+        Step("dann-bin-amp-compile-200", [*train[:-1], str(out / "run-compiled"), "--compile"],
+             130),
     ]
 
 
@@ -101,15 +105,18 @@ def main() -> int:
     for step in steps(out):
         status, seconds = run_step(step, out)
         rows.append(f"| {step.name} | {status} | {seconds:.0f} | `{' '.join(step.argv[1:])}` |")
-    metrics = out / "run" / "metrics.json"
-    run = {k: v for k, v in json.loads(metrics.read_text()).items()
-           if k in ("target_acc", "source_acc", "mean_gate") or "seconds" in k
-           } if metrics.is_file() else "no metrics.json"
+    runs = {}
+    for label, folder in (("eager", "run"), ("compiled", "run-compiled")):
+        metrics = out / folder / "metrics.json"
+        runs[label] = {k: v for k, v in json.loads(metrics.read_text()).items()
+                       if k in ("target_acc", "source_acc", "mean_gate", "images_per_second")
+                       or "seconds" in k} if metrics.is_file() else "no metrics.json"
     lines = [f"# gpu-check on {name}", "",
              (f"{time.strftime('%Y-%m-%d %H:%M %Z')}, torch {torch.__version__}, CUDA "
              f"{torch.version.cuda}, capability {torch.cuda.get_device_capability()}"), "",
              "| step | status | s | command |", "|---|---|---:|---|", *rows, "",
-             f"DANN + BIN run (AMP, 200 iterations): {run}"]
+             *(f"DANN + BIN run (AMP, 200 iterations, {label}): {run}"
+               for label, run in runs.items())]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all("| passed |" in r for r in rows) else 1

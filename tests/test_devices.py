@@ -86,7 +86,8 @@ def test_cuda_training_with_amp_and_channels_last(tmp_path: Path) -> None:
 
 def test_gpu_check_plan() -> None:
     """What `make gpu-check` runs on a CUDA machine: the CUDA tests, the BIN benchmark in fp32
-    and bf16, a 200-iteration DANN + BIN run with AMP on CUDA; at most 10 minutes."""
+    and bf16, a 200-iteration DANN + BIN run with AMP on CUDA, eager and compiled; at most 10
+    minutes."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -104,6 +105,9 @@ def test_gpu_check_plan() -> None:
                         ("--out", str(out / "run"))):
         assert train[train.index(flag) + 1] == value
     assert "--amp" in train
+    compiled = plan["dann-bin-amp-compile-200"]  # the same run under --compile, beside it
+    assert compiled[-1] == "--compile" and compiled[compiled.index("--out") + 1] == str(
+        out / "run-compiled") and compiled[:compiled.index("--out")] == train[:train.index("--out")]
     assert sum(s.timeout for s in gpu_check.steps(out)) <= 600
     assert gpu_check.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
