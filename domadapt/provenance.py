@@ -30,14 +30,18 @@ from typing import Any
 import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# What makes a run, relative to the checkout: the library, the CLI and how they are installed.
+CODE_PATHS = ("domadapt", "cli", "pyproject.toml", "setup.py")
 
 
 @functools.cache
 def code_version() -> dict[str, Any]:
     """{"commit": sha or None, "dirty": bool or None, "version": package version}.
 
-    `dirty`: a tracked file differs from the commit (untracked files, such as results a sweep
-    writes into the tree, do not count)."""
+    `dirty`: a tracked file of the code (CODE_PATHS) differs from the commit. Results, docs and
+    tests the checkout also holds do not count: a sweep re-run into its committed folder
+    rewrites tracked tables (sweep.json, runs.csv) while it runs, and that is no change of
+    the code that trains."""
     from domadapt import __version__
 
     info: dict[str, Any] = {"commit": None, "dirty": None, "version": __version__}
@@ -49,7 +53,8 @@ def code_version() -> dict[str, Any]:
             return info  # installed copy, or a package inside someone else's repository
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10, check=True)
-        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--",
+                                 *CODE_PATHS],
                                 capture_output=True, text=True, timeout=30, check=True)
     except (OSError, subprocess.SubprocessError):
         return info

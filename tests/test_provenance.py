@@ -160,3 +160,34 @@ def test_a_sweep_records_its_command_with_relative_paths(run_cli, tmp_path, monk
     (run_dir,) = (out / "runs").iterdir()
     info = json.loads((run_dir / "config.json").read_text())
     assert str(tmp_path) not in json.dumps(info)
+
+
+def test_dirty_means_a_change_of_the_code_not_of_results(tmp_path, monkeypatch):
+    import subprocess
+
+    from domadapt import provenance
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "domadapt").mkdir()
+    (tmp_path / "domadapt" / "core.py").write_text("x = 1\n")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "runs.csv").write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    def fresh() -> dict:  # code_version is cached per process
+        provenance.code_version.cache_clear()
+        return provenance.code_version()
+
+    monkeypatch.setattr(provenance, "PACKAGE_DIR", (tmp_path / "domadapt").resolve())
+    try:
+        assert fresh()["dirty"] is False
+        (tmp_path / "results" / "runs.csv").write_text("b\n")  # a sweep rewriting its tables
+        assert fresh()["dirty"] is False
+        (tmp_path / "domadapt" / "core.py").write_text("x = 2\n")
+        version = fresh()
+        assert version["dirty"] is True and len(version["commit"]) == 40
+    finally:
+        provenance.code_version.cache_clear()  # the next caller sees this checkout again
