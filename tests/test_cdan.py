@@ -205,11 +205,10 @@ def test_bad_options_are_one_line_errors(change, expect):
 
 # -- training end to end -------------------------------------------------------------------------
 
-def write_tiny_tree(root: Path, per_class: int = 4) -> Path:
-    """Two domains x 3 classes of 20 px images: class = dominant colour channel, the target
-    darker and noisier."""
-    rng = np.random.default_rng(0)
-    for domain, scale, noise in (("alpha", 1.0, 0.1), ("beta", 0.6, 0.3)):
+def write_colour_tree(root: Path, domains, per_class: int) -> Path:
+    """One folder per `(domain, scale, noise, rng)` x 3 classes of 20 px images: uniform noise in
+    [0, noise) plus `scale * 0.7` on the class's colour channel (class = dominant channel)."""
+    for domain, scale, noise, rng in domains:
         for label in range(3):
             d = root / domain / f"c{label}"
             d.mkdir(parents=True)
@@ -218,6 +217,12 @@ def write_tiny_tree(root: Path, per_class: int = 4) -> Path:
                 img[..., label] += scale * 0.7
                 Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(d / f"{i}.png")
     return root
+
+
+def write_tiny_tree(root: Path, per_class: int = 4) -> Path:
+    """Two domains (alpha, beta), the target beta darker and noisier; one random stream."""
+    rng = np.random.default_rng(0)
+    return write_colour_tree(root, [("alpha", 1.0, 0.1, rng), ("beta", 0.6, 0.3, rng)], per_class)
 
 
 @pytest.fixture(scope="module")

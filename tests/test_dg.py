@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_cdan import kill_and_resume_matches, log_rows
+from test_cdan import kill_and_resume_matches, log_rows, write_colour_tree
 from test_tables import full_sweep, read_table, write_record, write_run  # noqa: F401 (fixture)
 
 from domadapt import engine
@@ -25,6 +25,7 @@ from domadapt.rundir import RunDir
 from domadapt.settings import build_data, resolve_config
 from domadapt.sweep import plan_sweep
 from domadapt.tables import Layout, write_tables
+from domadapt.tables.render import dg_tables, transfer_tables
 from domadapt.train import run
 
 DOMAINS = ("alpha", "beta", "gamma")
@@ -32,19 +33,12 @@ TARGET = "beta"
 
 
 def write_dg_tree(root: Path, per_class: int = 5, target_seed: int = 1) -> Path:
-    """Three domains x 3 classes of 20 px images (class = dominant colour channel, each domain
-    its own brightness and noise); the target's (beta's) pixels drawn with `target_seed`."""
-    for k, (domain, scale, noise) in enumerate(zip(DOMAINS, (1.0, 0.6, 0.8), (0.1, 0.3, 0.2),
-                                                   strict=True)):
-        rng = np.random.default_rng(target_seed if domain == TARGET else 10 + k)
-        for label in range(3):
-            d = root / domain / f"c{label}"
-            d.mkdir(parents=True)
-            for i in range(per_class):
-                img = rng.uniform(0, noise, (20, 20, 3))
-                img[..., label] += scale * 0.7
-                Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(d / f"{i}.png")
-    return root
+    """Three domains, each its own brightness and noise; the target's (beta's) pixels drawn
+    with `target_seed`."""
+    return write_colour_tree(root, [
+        (domain, scale, noise, np.random.default_rng(target_seed if domain == TARGET else 10 + k))
+        for k, (domain, scale, noise) in enumerate(zip(DOMAINS, (1.0, 0.6, 0.8), (0.1, 0.3, 0.2),
+                                                       strict=True))], per_class)
 
 
 @pytest.fixture(scope="module")
@@ -385,5 +379,29 @@ def test_sweep_leaves_out_the_cells_the_protocol_refuses_and_says_why(tree):
     assert sum(left.values()) == 1 + len(DOMAINS)  # source-only transfer + every dg cell
     assert all(reason.startswith("--norm dsbn needs") for reason in left)
     assert "left_out" not in _plan(tree).record  # nothing refused: no entry
+    # the columns without a cell are in the layout (sweep.json), so the tables leave them out
+    assert plan.layout.left_out == (("dg", "source-only", "dsbn"),
+                                    ("transfer", "source-only", "dsbn"))
+    assert Layout.from_dict(json.loads(json.dumps(plan.layout.to_dict()))) == plan.layout
     with pytest.raises(UserError, match="no cell of the grid can run: --norm dsbn"):
         _plan(tree, norms="dsbn")
+
+
+def test_tables_leave_out_the_columns_the_protocol_refuses(tree):
+    layout = _plan(tree, tasks="alpha:beta", methods="source-only,dann", norms="bn,dsbn",
+                   seeds="0").layout
+    LABEL = layout.task_label("alpha", "beta")
+    scores = pd.DataFrame(
+        [("transfer", LABEL, m, n, seed, 50.0 + seed + (n == "dsbn"))
+         for m, n in [("source-only", "bn"), ("dann", "bn"), ("dann", "dsbn")] for seed in (0, 1)]
+        + [("dg", d, "source-only", "bn", seed, 60.0 + seed) for d in DOMAINS for seed in (0, 1)],
+        columns=["setting", "row", "method", "norm", "seed", "acc"])
+    _, transfer = transfer_tables(scores, layout)
+    assert list(transfer.columns) == ["source-only/bn", "dann/bn", "dann/dsbn", "dann DSBN - BN"]
+    assert transfer.at[LABEL, "dann DSBN - BN"] == "+1.0"
+    _, dg = dg_tables(scores, layout)
+    assert list(dg.columns) == ["bn"]  # dsbn has no dg cell: no empty column, no difference
+    assert dg.at["Avg", "bn"] == "60.5 ± 0.7"
+    # a layout without the field (sweep.json before it) shows every column, as before
+    old = Layout.from_dict({k: v for k, v in layout.to_dict().items() if k != "left_out"})
+    assert "source-only/dsbn" in transfer_tables(scores, old)[1].columns

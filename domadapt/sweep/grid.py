@@ -93,12 +93,14 @@ def build_grid(
     return cells
 
 
-def _applicable(configs: list[RunConfig]) -> tuple[list[RunConfig], list[dict[str, Any]]]:
-    """(the cells a run would accept, the others as [{"reason", "cells"}]): a grid crosses
-    every method, norm and setting, and some crossings are refused by the protocol
-    (`settings.check_protocol`, e.g. dsbn in a source-only or dg cell, whose images have no
-    target domain); those cells are left out of the sweep, their table cells stay empty, and
-    sweep.json says why. A grid with no cell left: the first reason, as a UserError."""
+def _applicable(configs: list[RunConfig]
+                ) -> tuple[list[RunConfig], list[dict[str, Any]], set[tuple[str, str, str]]]:
+    """(the cells a run would accept, the others as [{"reason", "cells"}], the (setting,
+    method, norm) columns left without a cell): a grid crosses every method, norm and setting,
+    and some crossings are refused by the protocol (`settings.check_protocol`, e.g. dsbn in a
+    source-only or dg cell, whose images have no target domain); those cells are left out of
+    the sweep and of its tables, and sweep.json says why. A grid with no cell left: the first
+    reason, as a UserError."""
     from domadapt.settings import check_protocol
 
     kept, reasons = [], {}
@@ -111,7 +113,12 @@ def _applicable(configs: list[RunConfig]) -> tuple[list[RunConfig], list[dict[st
         kept.append(cfg)
     if configs and not kept:
         raise UserError(f"no cell of the grid can run: {next(iter(reasons))}")
-    return kept, [{"reason": r, "cells": n} for r, n in reasons.items()]
+
+    def columns(cells: list[RunConfig]) -> set[tuple[str, str, str]]:
+        return {(c.setting, c.method, c.norm) for c in cells}
+
+    return (kept, [{"reason": r, "cells": n} for r, n in reasons.items()],
+            columns(configs) - columns(kept))
 
 
 def plan_sweep(
@@ -152,9 +159,9 @@ def plan_sweep(
         raise UserError("the grid is empty: --tasks none needs --multidomain or --dg")
     fixed = {k for k, v in options.items() if v is not None}
     configs = [t for cfg in configs for t in trial_configs(cfg, n_hparams, hparams_seed, fixed)]
-    configs, left_out = _applicable(configs)
+    configs, left_out, empty_columns = _applicable(configs)
     layout = dataset_layout(spec.name, data_root, task_list, method_list, norm_list, multidomain,
-                            dg=dg)
+                            dg=dg, left_out=empty_columns)
     record = {
         "command": command, "dataset": spec.name, "root": data_root, "preset": preset,
         "tasks": [list(t) for t in task_list], "methods": method_list, "norms": norm_list,

@@ -33,6 +33,13 @@ class Layout:
     norms: tuple[str, ...]
     multidomain: bool = False
     dg: bool = False
+    # (setting, method, norm) columns the protocol refuses (`settings.check_protocol`): the
+    # sweep never runs them, so the tables leave them out instead of showing empty columns
+    left_out: tuple[tuple[str, str, str], ...] = ()
+
+    def shows(self, setting: str, method: str, norm: str) -> bool:
+        """Whether a table of `setting` has the column of `method` x `norm`."""
+        return (setting, method, norm) not in self.left_out
 
     def has(self, setting: str) -> bool:
         """Whether the sweep has cells of `setting` (its tables are written, maybe empty)."""
@@ -46,6 +53,7 @@ class Layout:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tasks"] = [list(t) for t in self.tasks]
+        d["left_out"] = [list(c) for c in self.left_out]
         return d
 
     @classmethod
@@ -55,6 +63,7 @@ class Layout:
             tasks=tuple((s, t) for s, t in d["tasks"]), methods=tuple(d["methods"]),
             norms=tuple(d["norms"]), multidomain=bool(d.get("multidomain", False)),
             dg=bool(d.get("dg", False)),
+            left_out=tuple(tuple(c) for c in d.get("left_out", ())),
         )
 
 
@@ -66,6 +75,7 @@ def dataset_layout(
     norms: Iterable[str],
     multidomain: bool,
     dg: bool = False,
+    left_out: Iterable[tuple[str, str, str]] = (),
 ) -> Layout:
     """The Layout of a sweep on `dataset`: tasks sorted into the dataset's canonical order.
     UserError for a task between domains the dataset (at `root`) does not have: runs of two
@@ -87,6 +97,7 @@ def dataset_layout(
         norms=ordered(norms, NORMS.names()),
         multidomain=multidomain,
         dg=dg,
+        left_out=tuple(sorted(left_out)),
     )
 
 

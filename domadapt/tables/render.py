@@ -21,7 +21,7 @@ from domadapt.tables.comparisons import (
     count_label,
     other_norms,
 )
-from domadapt.tables.records import FinishedRun, Layout
+from domadapt.tables.records import BASELINE_METHOD, FinishedRun, Layout
 
 
 def aggregate(scores: pd.DataFrame, rows: list[str],
@@ -97,12 +97,14 @@ def transfer_tables(scores: pd.DataFrame, layout: Layout,
     if comparison is None:
         comparison = comparison_frame(scores, layout)
     comparison = comparison[comparison["setting"] == "transfer"]
-    columns = {f"{m}/{n}": (m, n) for m in layout.methods for n in layout.norms}
+    columns = {f"{m}/{n}": (m, n) for m in layout.methods for n in layout.norms
+               if layout.shows("transfer", m, n)}
     rows = [layout.task_label(s, t) for s, t in layout.tasks]
     stats = aggregate(scores, rows, columns)
     base = baseline_norm(layout)
     pairs = {f"{m} {n.upper()} - {base.upper()}": (m, n)
-             for m in layout.methods for n in other_norms(layout, base)}
+             for m in layout.methods for n in other_norms(layout, base)
+             if f"{m}/{n}" in columns and f"{m}/{base}" in columns}
     diffs = {name: (f"{m}/{n}", f"{m}/{base}") for name, (m, n) in pairs.items()}
     tests = _tests(comparison, {name: (f"norm {n} - {base}", f"method={m}")
                                 for name, (m, n) in pairs.items()})
@@ -112,16 +114,18 @@ def transfer_tables(scores: pd.DataFrame, layout: Layout,
 def norm_tables(setting: str, index_name: str, scores: pd.DataFrame, layout: Layout,
                 comparison: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(stats, display) of a source-only setting whose rows are domains (multidomain: each
-    domain's test split; dg: each held-out domain): one column per norm; the count row's
-    tests pair domains x seeds."""
+    domain's test split; dg: each held-out domain): one column per norm the setting runs; the
+    count row's tests pair domains x seeds."""
     scores = scores[scores["setting"] == setting]
     if comparison is None:
         comparison = comparison_frame(scores, layout)
     comparison = comparison[comparison["setting"] == setting]
     rows = list(layout.domains)
-    stats = aggregate(scores, rows, {n: (None, n) for n in layout.norms})
+    shown = [n for n in layout.norms if layout.shows(setting, BASELINE_METHOD, n)]
+    stats = aggregate(scores, rows, {n: (None, n) for n in shown})
     base = baseline_norm(layout)
-    diffs = {f"{n.upper()} - {base.upper()}": (n, base) for n in other_norms(layout, base)}
+    diffs = {f"{n.upper()} - {base.upper()}": (n, base) for n in other_norms(layout, base)
+             if {n, base} <= set(shown)}
     tests = _tests(comparison, {name: (f"norm {n} - {base}", "")
                                 for name, (n, _) in diffs.items()})
     return stats, display_table(stats, rows, diffs, index_name, count_label(layout), tests)
