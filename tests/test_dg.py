@@ -25,6 +25,7 @@ from domadapt.rundir import RunDir
 from domadapt.settings import build_data, resolve_config
 from domadapt.sweep import plan_sweep
 from domadapt.tables import Layout, write_tables
+from domadapt.tables.comparisons import count_label
 from domadapt.tables.render import dg_tables, transfer_tables
 from domadapt.train import run
 
@@ -401,6 +402,8 @@ def test_tables_leave_out_the_columns_the_protocol_refuses(tree):
     assert transfer.at[LABEL, "dann DSBN - BN"] == "+1.0"
     _, dg = dg_tables(scores, layout)
     assert list(dg.columns) == ["bn"]  # dsbn has no dg cell: no empty column, no difference
+    assert "DSBN >= BN" in transfer.index and list(dg.index)[-1] == "Avg"  # no count row
+    assert count_label(layout, "transfer") == "DSBN >= BN"
     assert dg.at["Avg", "bn"] == "60.5 ± 0.7"
     # a layout without the field (sweep.json before it) shows every column, as before
     old = Layout.from_dict({k: v for k, v in layout.to_dict().items() if k != "left_out"})

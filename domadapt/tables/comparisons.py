@@ -113,10 +113,12 @@ def baseline_norm(layout: Layout) -> str:
     return BASELINE_NORM if BASELINE_NORM in layout.norms else layout.norms[0]
 
 
-def count_label(layout: Layout) -> str:
-    """`BIN >= BN` (`IN / BIN >= BN` with several norms beside the baseline)."""
+def count_label(layout: Layout, setting: str) -> str:
+    """`BIN >= BN` (`IN / BIN >= BN` with several norms beside the baseline in the tables of
+    `setting`)."""
     base = baseline_norm(layout)
-    return f"{' / '.join(n.upper() for n in other_norms(layout, base))} >= {base.upper()}"
+    others = [n for n in layout.norms_shown(setting) if n != base]
+    return f"{' / '.join(n.upper() for n in others)} >= {base.upper()}"
 
 
 def other_norms(layout: Layout, base: str) -> list[str]:

@@ -41,6 +41,12 @@ class Layout:
         """Whether a table of `setting` has the column of `method` x `norm`."""
         return (setting, method, norm) not in self.left_out
 
+    def norms_shown(self, setting: str) -> list[str]:
+        """The norms with a column in the tables of `setting` (multi-domain and dg cells are
+        source-only)."""
+        methods = self.methods if setting == "transfer" else (BASELINE_METHOD,)
+        return [n for n in self.norms if any(self.shows(setting, m, n) for m in methods)]
+
     def has(self, setting: str) -> bool:
         """Whether the sweep has cells of `setting` (its tables are written, maybe empty)."""
         return {"transfer": bool(self.tasks), "multidomain": self.multidomain,

@@ -21,7 +21,7 @@ from domadapt.tables.comparisons import (
     count_label,
     other_norms,
 )
-from domadapt.tables.records import BASELINE_METHOD, FinishedRun, Layout
+from domadapt.tables.records import FinishedRun, Layout
 
 
 def aggregate(scores: pd.DataFrame, rows: list[str],
@@ -108,7 +108,8 @@ def transfer_tables(scores: pd.DataFrame, layout: Layout,
     diffs = {name: (f"{m}/{n}", f"{m}/{base}") for name, (m, n) in pairs.items()}
     tests = _tests(comparison, {name: (f"norm {n} - {base}", f"method={m}")
                                 for name, (m, n) in pairs.items()})
-    return stats, display_table(stats, rows, diffs, "task", count_label(layout), tests)
+    return stats, display_table(stats, rows, diffs, "task", count_label(layout, "transfer"),
+                                tests)
 
 
 def norm_tables(setting: str, index_name: str, scores: pd.DataFrame, layout: Layout,
@@ -121,14 +122,15 @@ def norm_tables(setting: str, index_name: str, scores: pd.DataFrame, layout: Lay
         comparison = comparison_frame(scores, layout)
     comparison = comparison[comparison["setting"] == setting]
     rows = list(layout.domains)
-    shown = [n for n in layout.norms if layout.shows(setting, BASELINE_METHOD, n)]
+    shown = layout.norms_shown(setting)
     stats = aggregate(scores, rows, {n: (None, n) for n in shown})
     base = baseline_norm(layout)
     diffs = {f"{n.upper()} - {base.upper()}": (n, base) for n in other_norms(layout, base)
              if {n, base} <= set(shown)}
     tests = _tests(comparison, {name: (f"norm {n} - {base}", "")
                                 for name, (n, _) in diffs.items()})
-    return stats, display_table(stats, rows, diffs, index_name, count_label(layout), tests)
+    return stats, display_table(stats, rows, diffs, index_name,
+                                count_label(layout, setting), tests)
 
 
 multidomain_tables = partial(norm_tables, "multidomain", "domain")

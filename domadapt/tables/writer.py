@@ -98,7 +98,7 @@ def write_tables(sweep_dir: str | Path, out_dir: str | Path | None = None,
         stats.append(stat.assign(setting=setting))
         base = baseline_norm(layout).upper()
         note = (f"{what.capitalize()} in percent, mean ± std over seeds (sample std; the mean "
-                f"alone for one seed). `X - {base}`: difference of means; `{count_label(layout)}`:"
+                f"alone for one seed). `X - {base}`: difference of means; `{count_label(layout, setting)}`:"
                 f" rows where X's mean is at least {base}'s, beside it the two-sided Wilcoxon "
                 f"signed-rank p over those n rows' mean paired differences (comparison{sfx}.md, "
                 f"`{OVER_TASKS}`; there also the test over all (row, seed) pairs). "
