@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 D=${DOMADAPT:-.venv/bin/domadapt}
 for sweep in pacs pacs/long pacs/gate-rule-layer pacs-gates/base pacs-gates/layer \
              pacs-sketch-seeds styledigits-methods styledigits-selection styledigits-norms \
-             pacs-long; do
+             pacs-long pacs-dg; do
     dir=results/$sweep
     [ -d "$dir/runs" ] || continue
     $D tables "$dir" > /dev/null
