@@ -109,6 +109,38 @@ def test_evidence_figure_with_gates_beside_another_sweep(sweep: Path, tmp_path: 
     assert code == 0, err
     png = (sweep / "evidence.png").read_bytes()
     assert png.startswith(b"\x89PNG") and "evidence.png" in out
-    assert "--gates-beside" in (sweep / "evidence.md").read_text()  # the command, as run
+    md = (sweep / "evidence.md").read_text()
+    assert "--gates-beside" in md  # the command, as run
+    assert "Gates at the last iteration" in md and "scratch: dann bin (3 runs)" in md
+    assert "Plateau check" in md
     code, _, err = run_cli("evidence", sweep, "--gates-beside", tmp_path / "nowhere")
     assert code == 1 and "gates_by_layer.csv: not found" in err and err.count("\n") == 1
+
+
+def test_plateau_check_reports_each_arm_at_its_last_two_evaluations(sweep: Path) -> None:
+    from domadapt.analysis.evidence import plateau_frame
+
+    frame = plateau_frame(sweep, method="dann", norms=("bn", "bin")).set_index("norm")
+    # BN: 50/52/40/42 at iteration 5, 60/62/41/45 at 10 (changes 10, 10, 1, 3)
+    assert frame.at["BN", "runs"] == 4 and frame.at["BN", "iterations"] == "5 -> 10"
+    assert frame.at["BN", "before"] == pytest.approx(46.0)
+    assert frame.at["BN", "last"] == pytest.approx(52.0)
+    assert frame.at["BN", "mean change"] == pytest.approx(6.0)
+    # BIN: 56/55/43/44 -> 66/65/44/46 (changes 10, 10, 1, 2)
+    assert frame.at["BIN", "mean abs change"] == pytest.approx(5.75)
+
+
+def test_gate_summary_counts_values_from_the_layer_histograms() -> None:
+    from domadapt.analysis.evidence import gate_summary
+
+    hist = {f"hist_{k / 10:.1f}_{(k + 1) / 10:.1f}": [0, 0] for k in range(10)}
+    hist["hist_0.0_0.1"] = [3, 0]   # first layer: 3 gates below 0.1, 1 in the middle
+    hist["hist_0.5_0.6"] = [1, 0]
+    hist["hist_0.9_1.0"] = [0, 4]   # last layer: all 4 above 0.9
+    g = pd.DataFrame({"depth": [1, 0], "mean": [0.95, 0.1], "group": "x", **{
+        k: v[::-1] for k, v in hist.items()}})  # rows out of depth order on purpose
+    row = gate_summary([g]).iloc[0]
+    assert row["values"] == 8 and row["layers"] == 2
+    assert row["first layer"] == pytest.approx(0.1) and row["last layer"] == pytest.approx(0.95)
+    assert row["mean"] == pytest.approx((0.1 * 4 + 0.95 * 4) / 8)
+    assert row["share < 0.1"] == pytest.approx(3 / 8) and row["share > 0.9"] == pytest.approx(0.5)

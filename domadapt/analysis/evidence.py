@@ -19,6 +19,10 @@ signed-rank p over them (`stats.paired_comparison`, unit "tasks").
                 (`gate_knockout.json` records, `analysis.knockout`)
     robustness  the primary comparison with each domain left out of the task set
 
+Descriptive sections, never tested: the plateau check (each arm's accuracy at the last two
+evaluations, `plateau_frame`) and the treatment's gates at the end beside another sweep's
+(`gate_summary`: mean, first and last layer, shares below 0.1 and above 0.9).
+
 Decision rules (stated before the results in results/pacs-long/README.md): the primary
 difference is a finding when its t interval excludes 0 *and* Wilcoxon p < 0.05 (in the same
 direction); a secondary one when its Holm-adjusted p < 0.05. Anything else is "not shown",
@@ -238,25 +242,31 @@ def evidence_report(sweep_dir: str | Path, *, method: str = "dann", baseline: st
                                    (SECONDARY, "Secondary comparisons (one Holm family)"),
                                    (ORACLE, "Oracle (target labels; not tested)"))
                 if (frame["family"] == fam).any()]
+    plateau = plateau_frame(sweep_dir, method=method, norms=(baseline, treatment))
+    if len(plateau):
+        title = ("Plateau check (descriptive, not tested): target accuracy (%) at the last two "
+                 "evaluations")
+        sections.append((title, plateau.round(2).set_index("norm")))
+    gates = _gates((out_dir, gates_beside), method, treatment)
+    if gates:
+        sections.append(("Gates at the last iteration (descriptive, not tested)",
+                         gate_summary(gates).round(3).set_index("gates of")))
     md = write_markdown_parts(out_dir / "evidence.md",
                               f"{treatment.upper()} against {baseline.upper()} under {method}",
                               NOTE, sections, f"domadapt evidence {sweep_dir}"
                               + (f" --gates-beside {gates_beside}" if gates_beside else ""))
-    return [csv, md, _figure(frame, out_dir, method, treatment, baseline, gates_beside)]
+    return [csv, md, _figure(frame, out_dir, method, treatment, baseline, gates)]
 
 
-def _figure(frame: pd.DataFrame, out_dir: Path, method: str, treatment: str, baseline: str,
-            gates_beside: Path | None) -> Path:
-    """evidence.png: the primary and trajectory rows, and the treatment's transfer gates of
-    this sweep and of `gates_beside` (their gates_by_layer.csv)."""
-    from domadapt.plots import evidence_figure, save_png
+def _gates(folders: tuple[Path | None, ...], method: str, treatment: str) -> list[pd.DataFrame]:
+    """The treatment's transfer rows of each folder's gates_by_layer.csv, with a `group` label
+    naming the folder and its number of runs; folders without such rows are skipped."""
     from domadapt.tables import GATES_BY_LAYER
 
-    trajectory = frame[frame["group"].isin(["primary", "trajectory"])].sort_values("iteration")
     gates = []
-    for folder in (out_dir, gates_beside):
+    for folder in folders:
         if folder is None or not (Path(folder) / GATES_BY_LAYER).is_file():
-            continue  # this sweep without BIN gate records: the gate panels stay empty
+            continue  # a sweep without BIN gate records
         g = pd.read_csv(Path(folder) / GATES_BY_LAYER)
         g = g[(g["setting"] == "transfer") & (g["method"] == method)
               & (g["norm"] == treatment)]
@@ -264,6 +274,66 @@ def _figure(frame: pd.DataFrame, out_dir: Path, method: str, treatment: str, bas
             runs = int(g["n_runs"].max())
             gates.append(g.assign(group=f"{Path(folder).name}: {method} {treatment} "
                                         f"({runs} run{'s' if runs != 1 else ''})"))
+    return gates
+
+
+def gate_summary(gates: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per gate source (`_gates`), descriptive: the number of gate values (channels x runs),
+    their mean, the mean of the first and of the last gated layer, and the shares below 0.1
+    and above 0.9, all from the per-layer histograms of gates_by_layer.csv."""
+    rows = []
+    for g in gates:
+        g = g.sort_values("depth")
+        bins = [c for c in g.columns if c.startswith("hist_")]
+        counts = g[bins].to_numpy(dtype=float)
+        n = counts.sum(axis=1)
+        rows.append({"gates of": g["group"].iloc[0], "layers": len(g), "values": int(n.sum()),
+                     "mean": float((g["mean"] * n).sum() / n.sum()),
+                     "first layer": float(g["mean"].iloc[0]),
+                     "last layer": float(g["mean"].iloc[-1]),
+                     "share < 0.1": float(counts[:, 0].sum() / n.sum()),
+                     "share > 0.9": float(counts[:, -1].sum() / n.sum())})
+    return pd.DataFrame(rows, columns=["gates of", "layers", "values", "mean", "first layer",
+                                       "last layer", "share < 0.1", "share > 0.9"])
+
+
+def plateau_frame(sweep_dir: Path, *, method: str, norms: tuple[str, str]) -> pd.DataFrame:
+    """The plateau check, per norm: over the runs that logged both of the last two
+    evaluations, the mean target accuracy (%) at each, the mean change and the mean absolute
+    change between them (how far single runs still move)."""
+    from domadapt.tables import load_sweep
+
+    _, all_runs, _ = load_sweep(sweep_dir)
+    rows = []
+    for norm in norms:
+        pairs = []
+        for r in _task_rows(all_runs, method, (norm,)):
+            log = None if r.log is None else r.log.dropna(subset=["target_acc"])
+            if log is not None and len(log) >= 2:
+                pairs.append((int(log["iter"].iloc[-2]), int(log["iter"].iloc[-1]),
+                              100.0 * log["target_acc"].iloc[-2],
+                              100.0 * log["target_acc"].iloc[-1]))
+        if not pairs:
+            continue
+        first, last = {p[0] for p in pairs}, {p[1] for p in pairs}
+        change = [b - a for *_, a, b in pairs]
+        rows.append({"norm": norm.upper(), "runs": len(pairs),
+                     "iterations": f"{'/'.join(map(str, sorted(first)))} -> "
+                                   f"{'/'.join(map(str, sorted(last)))}",
+                     "before": sum(p[2] for p in pairs) / len(pairs),
+                     "last": sum(p[3] for p in pairs) / len(pairs),
+                     "mean change": sum(change) / len(change),
+                     "mean abs change": sum(abs(c) for c in change) / len(change)})
+    return pd.DataFrame(rows, columns=["norm", "runs", "iterations", "before", "last",
+                                       "mean change", "mean abs change"])
+
+
+def _figure(frame: pd.DataFrame, out_dir: Path, method: str, treatment: str, baseline: str,
+            gates: list[pd.DataFrame]) -> Path:
+    """evidence.png: the primary and trajectory rows, and the treatment's gates (`_gates`)."""
+    from domadapt.plots import evidence_figure, save_png
+
+    trajectory = frame[frame["group"].isin(["primary", "trajectory"])].sort_values("iteration")
     path = out_dir / "evidence.png"
     save_png(evidence_figure(trajectory, pd.concat(gates) if gates else pd.DataFrame(
         columns=["group", "depth", "mean"]), f"{treatment.upper()} - {baseline.upper()} under "
