@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -100,21 +101,30 @@ def make_step(model: nn.Module, batch: int, size: int, channels_last: bool, devi
     return step
 
 
+def interleave(fns: dict[str, Callable[[], object]], reps: int,
+               warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each of `fns`, `reps` times, the variants interleaved (a, b, c, a,
+    b, c, ...) after `warmup` untimed rounds, so that load from other processes hits every
+    variant alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def time_case(net: str, size: int, channels_last: bool, args: argparse.Namespace) -> dict:
     """One (net, size, layout) case: interleaved timings, saved and (optionally) peak memory."""
     dtype = getattr(torch, args.dtype)
     models = {v: build(net, v, channels_last, args.device) for v in VARIANTS}
     steps = {v: make_step(models[v], args.batch, size, channels_last, args.device, dtype)
              for v in VARIANTS}
-    for _ in range(args.warmup):
-        for v in VARIANTS:
-            steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(args.reps):
-        for v in VARIANTS:
-            t0 = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - t0)
+    times = interleave(steps, args.reps, args.warmup)
     med = {v: statistics.median(times[v]) * 1e3 for v in VARIANTS}
     low = {v: min(times[v]) * 1e3 for v in VARIANTS}
     saved = {v: saved_activations_mib(models[v], args.batch, size, channels_last, args.device,

@@ -31,7 +31,7 @@ import sys
 import time
 
 import torch
-from bench_bin import build, make_step  # beside this script
+from bench_bin import build, interleave, make_step  # beside this script
 from torch._inductor.utils import fresh_cache
 
 from domadapt.nn.bin_fusion import fuse_activations
@@ -62,15 +62,7 @@ def time_case(net: str, channels_last: bool, args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             steps[v]()
             first[v] = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        for v in VARIANTS:
-            steps[v]()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for _ in range(args.reps):
-        for v in VARIANTS:
-            t0 = time.perf_counter()
-            steps[v]()
-            times[v].append(time.perf_counter() - t0)
+    times = interleave(steps, args.reps, args.warmup)
     med = {v: statistics.median(times[v]) * 1e3 for v in VARIANTS}
     low = {v: min(times[v]) * 1e3 for v in VARIANTS}
     compile_s = {v: first[v] - med[v] / 1e3 for v in ("bn_c", "bin_c")}

@@ -42,15 +42,7 @@ def _moments_out_of_place(self: adabn._Moments, x: torch.Tensor) -> None:
     x = x.detach().double()
     n = x.numel() // x.size(1)
     mean = x.mean(dims)
-    m2 = (x - mean.view(1, -1, *[1] * (x.dim() - 2))).square().sum(dims)
-    if self.mean is None or self.m2 is None:
-        self.count, self.mean, self.m2 = n, mean, m2
-        return
-    total = self.count + n
-    delta = mean - self.mean
-    self.mean = self.mean + delta * (n / total)
-    self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
-    self.count = total
+    self.merge(n, mean, (x - mean.view(1, -1, *[1] * (x.dim() - 2))).square().sum(dims))
 
 
 @contextlib.contextmanager
@@ -68,10 +60,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     source, target = args.task.split(",")
-    cfg = resolve_config(RunConfig(**preset_overrides("pacs-cpu") | dict(
-        root=str(SHARED / "data" / "pacs"), source=source, target=target, norm=args.norm,
-        pretrained=str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"),
-        iters=1500, eval_every=300, source_val_fraction=0.1, adabn=True)))
+    cfg = resolve_config(RunConfig(**{
+        **preset_overrides("pacs-cpu"), "root": str(SHARED / "data" / "pacs"),
+        "source": source, "target": target, "norm": args.norm,
+        "pretrained": str(SHARED / "weights" / "mobilenet_v2_imagenet_features.pth"),
+        "iters": 1500, "eval_every": 300, "source_val_fraction": 0.1, "adabn": True}))
     seconds: dict[str, list[float]] = {"before": [], "after": []}
     rows: dict[str, dict] = {}
     for variant in ("before", "after"):  # fresh data objects: each variant starts cold

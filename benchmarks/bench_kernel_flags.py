@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_bin import build, make_step
+from bench_bin import build, interleave, make_step
 
 from domadapt.nn import BatchInstanceNorm2d
 from domadapt.nn import bin_kernel as kernels
@@ -64,19 +63,6 @@ def use(lib: ctypes.CDLL | None) -> None:
     if lib is not None:
         kernels._c_fns.clear()
         kernels._bind(lib)
-
-
-def interleave(fns: dict[str, Callable[[], None]], reps: int, warmup: int) -> dict[str, list]:
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def variants(libs: dict[str, ctypes.CDLL], make: Callable[[str], Callable[[], None]]):

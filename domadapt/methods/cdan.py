@@ -36,13 +36,10 @@ from domadapt.methods.base import (
     Method,
     Step,
     StepOutput,
-    batch_accuracy,
     register_method,
-    stat,
-    supervised_loss,
 )
-from domadapt.methods.dann import AdversarialHparams, grl_lambda
-from domadapt.nn import DomainDiscriminator, domain_accuracy, grad_reverse
+from domadapt.methods.dann import AdversarialHparams, adversarial_output, grl_lambda
+from domadapt.nn import DomainDiscriminator, grad_reverse
 from domadapt.nn.domains import concat_domains
 from domadapt.nn.losses import certainty_weights
 from domadapt.registry import hparam
@@ -149,16 +146,8 @@ class CDAN(Method):
             domain_loss = weighted_domain_loss(d_s, d_t, v[:n_s], v[n_s:])
         else:
             domain_loss = weighted_domain_loss(d_s, d_t)
-        cls_loss = supervised_loss(logits_s, y_s)
-        loss = cls_loss + self.hp.adv_weight * domain_loss
-        stats = {
-            "cls_loss": cls_loss.detach(),
-            "domain_loss": domain_loss.detach(),
-            "disc_acc": stat(domain_accuracy(d_s.detach(), d_t.detach())),
-            "train_acc": batch_accuracy(logits_s.detach(), y_s),
-            "grl_coeff": stat(float(coeff)),
-        }
-        return StepOutput(loss, stats)
+        return adversarial_output(logits_s, y_s, d_s, d_t, domain_loss, coeff,
+                                  self.hp.adv_weight)
 
 
 @register_method

@@ -111,14 +111,22 @@ class DANN(Method):
         coeff = grl_lambda(self.hp, step)
         d = self.discriminator(grad_reverse(features, coeff)).float()
         d_s, d_t = d[:n_s], d[n_s:]
-        cls_loss = supervised_loss(logits_s, y_s)
-        domain_loss = domain_adversarial_loss(d_s, d_t)
-        loss = cls_loss + self.hp.adv_weight * domain_loss
-        stats = {
-            "cls_loss": cls_loss.detach(),
-            "domain_loss": domain_loss.detach(),
-            "disc_acc": stat(domain_accuracy(d_s.detach(), d_t.detach())),
-            "train_acc": batch_accuracy(logits_s.detach(), y_s),
-            "grl_coeff": stat(float(coeff)),
-        }
-        return StepOutput(loss, stats)
+        return adversarial_output(logits_s, y_s, d_s, d_t, domain_adversarial_loss(d_s, d_t),
+                                  coeff, self.hp.adv_weight)
+
+
+def adversarial_output(logits_s: Tensor, y_s: Tensor, d_s: Tensor, d_t: Tensor,
+                       domain_loss: Tensor, coeff: float, adv_weight: float) -> StepOutput:
+    """The step of a gradient-reversal method (DANN, CDAN): loss = CE(logits_s, y_s) +
+    adv_weight * domain_loss, with the logged statistics (losses, the discriminator's domain
+    accuracy on d_s / d_t, the source batch accuracy, the reversal coefficient)."""
+    cls_loss = supervised_loss(logits_s, y_s)
+    loss = cls_loss + adv_weight * domain_loss
+    stats = {
+        "cls_loss": cls_loss.detach(),
+        "domain_loss": domain_loss.detach(),
+        "disc_acc": stat(domain_accuracy(d_s.detach(), d_t.detach())),
+        "train_acc": batch_accuracy(logits_s.detach(), y_s),
+        "grl_coeff": stat(float(coeff)),
+    }
+    return StepOutput(loss, stats)

@@ -63,7 +63,11 @@ class _Moments:
         dev = x.detach().to(torch.float64, copy=True)  # never the layer's own input
         mean = dev.mean(dims)
         dev.sub_(mean.view(1, -1, *[1] * (x.dim() - 2)))
-        m2 = dev.mul_(dev).sum(dims)
+        self.merge(n, mean, dev.mul_(dev).sum(dims))
+
+    def merge(self, n: int, mean: Tensor, m2: Tensor) -> None:
+        """Merge one batch's count n, mean and m2 (sum of squared deviations from its mean)
+        into the running ones, Chan et al.'s pairwise update."""
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
