@@ -5,10 +5,11 @@
 For each run directory: its config.json's configuration is trained afresh into a temporary
 directory (CPU, quiet) and every entry of the new metrics.json except the timing and device
 ones is compared with the recorded one, exactly (bit-identical floats). Prints one line per run
-and exits 1 if any differs. Bit-identity holds on the machine (CPU, torch build, BIN kernel)
-that recorded the runs; elsewhere a difference may be floating-point, not the code. The first
-line names the code that ran: a script's folder, not the checkout, is on sys.path, so run it
-with PYTHONPATH=<checkout> unless that checkout is the one installed.
+and exits 1 if any differs. Training uses the recorded number of torch threads (reductions
+split over more threads round differently). Bit-identity holds on the machine (CPU, torch
+build, BIN kernel) that recorded the runs; elsewhere a difference may be floating-point, not
+the code. The first line names the code that ran: a script's folder, not the checkout, is on
+sys.path, so run it with PYTHONPATH=<checkout> unless that checkout is the one installed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import torch
 
 import domadapt
 from domadapt.config import RunConfig
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         info = json.loads((run_dir / "config.json").read_text())
         recorded = json.loads((run_dir / "metrics.json").read_text())
         cfg = RunConfig.from_dict(info["config"])
+        # the recorded thread count: reductions split over more threads round differently
+        torch.set_num_threads(info.get("runtime", {}).get("threads") or torch.get_num_threads())
         with tempfile.TemporaryDirectory() as tmp:
             new = run(cfg.replace(root=None) if cfg.dataset == "styledigits" else cfg,
                       Path(tmp) / "run", device="cpu", quiet=True)
