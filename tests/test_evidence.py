@@ -119,8 +119,10 @@ def test_evidence_figure_with_gates_beside_another_sweep(sweep: Path, tmp_path: 
 
 def test_plateau_check_reports_each_arm_at_its_last_two_evaluations(sweep: Path) -> None:
     from domadapt.analysis.evidence import plateau_frame
+    from domadapt.tables import load_sweep
 
-    frame = plateau_frame(sweep, method="dann", norms=("bn", "bin")).set_index("norm")
+    runs = load_sweep(sweep)[1]
+    frame = plateau_frame(runs, method="dann", norms=("bn", "bin")).set_index("norm")
     # BN: 50/52/40/42 at iteration 5, 60/62/41/45 at 10 (changes 10, 10, 1, 3)
     assert frame.at["BN", "runs"] == 4 and frame.at["BN", "iterations"] == "5 -> 10"
     assert frame.at["BN", "before"] == pytest.approx(46.0)
@@ -144,3 +146,18 @@ def test_gate_summary_counts_values_from_the_layer_histograms() -> None:
     assert row["first layer"] == pytest.approx(0.1) and row["last layer"] == pytest.approx(0.95)
     assert row["mean"] == pytest.approx((0.1 * 4 + 0.95 * 4) / 8)
     assert row["share < 0.1"] == pytest.approx(3 / 8) and row["share > 0.9"] == pytest.approx(0.5)
+
+
+def test_an_unfinished_grid_marks_its_verdicts_interim(sweep: Path, run_cli) -> None:
+    code, _, err = run_cli("evidence", sweep)
+    assert code == 0, err
+    assert "Interim" not in (sweep / "evidence.md").read_text()
+    record = json.loads((sweep / "sweep.json").read_text())
+    record["runs"].append("runs/not-started-yet")  # planned, no record yet
+    (sweep / "sweep.json").write_text(json.dumps(record))
+    code, _, err = run_cli("evidence", sweep)
+    assert code == 0, err
+    assert "Interim: 8 of the 9 runs this sweep plans have finished" in (
+        sweep / "evidence.md").read_text()
+    verdicts = pd.read_csv(sweep / "evidence.csv")["verdict"]
+    assert verdicts.str.startswith("interim (").all()

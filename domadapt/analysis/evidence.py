@@ -27,7 +27,8 @@ Decision rules (stated before the results in results/pacs-long/README.md): the p
 difference is a finding when its t interval excludes 0 *and* Wilcoxon p < 0.05 (in the same
 direction); a secondary one when its Holm-adjusted p < 0.05. Anything else is "not shown",
 with its interval. Comparisons whose records are missing are listed as such, not dropped
-silently.
+silently. While fewer runs have finished than sweep.json plans, every verdict is marked
+`interim (...)`: the rules are for the complete grid.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ def evidence_report(sweep_dir: str | Path, *, method: str = "dann", baseline: st
     tables folder) beside the sweep's tables. Returns the paths written."""
     from domadapt.analysis.report import find_tables
     from domadapt.plots import require_matplotlib
-    from domadapt.tables import GATES_BY_LAYER, write_csv_atomic, write_markdown_parts
+    from domadapt.tables import GATES_BY_LAYER, load_sweep, write_csv_atomic, write_markdown_parts
 
     if gates_beside is not None and not (Path(gates_beside) / GATES_BY_LAYER).is_file():
         raise UserError(f"{Path(gates_beside) / GATES_BY_LAYER}: not found (--gates-beside "
@@ -222,6 +223,14 @@ def evidence_report(sweep_dir: str | Path, *, method: str = "dann", baseline: st
     require_matplotlib()
     sweep_dir = Path(sweep_dir)
     frame = evidence_frame(sweep_dir, method=method, baseline=baseline, treatment=treatment)
+    _, all_runs, record = load_sweep(sweep_dir)
+    planned = len(record.get("runs", []))
+    note = NOTE
+    if len(all_runs) < planned:  # the decision rules are for the complete grid
+        frame["verdict"] = [f"interim ({v})" for v in frame["verdict"]]
+        note = (f"**Interim: {len(all_runs)} of the {planned} runs this sweep plans have "
+                "finished. The pre-registered decision rules apply to the complete grid; a "
+                "verdict marked interim is not a result.**\n\n" + NOTE)
     out_dir = find_tables(sweep_dir)
     csv = write_csv_atomic(frame.round({c: 4 for c in ("mean_diff", "ci_low", "ci_high")})
                            .round({"p_value": 6, "p_holm": 6}), out_dir / "evidence.csv",
@@ -242,7 +251,7 @@ def evidence_report(sweep_dir: str | Path, *, method: str = "dann", baseline: st
                                    (SECONDARY, "Secondary comparisons (one Holm family)"),
                                    (ORACLE, "Oracle (target labels; not tested)"))
                 if (frame["family"] == fam).any()]
-    plateau = plateau_frame(sweep_dir, method=method, norms=(baseline, treatment))
+    plateau = plateau_frame(all_runs, method=method, norms=(baseline, treatment))
     if len(plateau):
         title = ("Plateau check (descriptive, not tested): target accuracy (%) at the last two "
                  "evaluations")
@@ -253,7 +262,7 @@ def evidence_report(sweep_dir: str | Path, *, method: str = "dann", baseline: st
                          gate_summary(gates).round(3).set_index("gates of")))
     md = write_markdown_parts(out_dir / "evidence.md",
                               f"{treatment.upper()} against {baseline.upper()} under {method}",
-                              NOTE, sections, f"domadapt evidence {sweep_dir}"
+                              note, sections, f"domadapt evidence {sweep_dir}"
                               + (f" --gates-beside {gates_beside}" if gates_beside else ""))
     return [csv, md, _figure(frame, out_dir, method, treatment, baseline, gates)]
 
@@ -297,13 +306,10 @@ def gate_summary(gates: list[pd.DataFrame]) -> pd.DataFrame:
                                        "last layer", "share < 0.1", "share > 0.9"])
 
 
-def plateau_frame(sweep_dir: Path, *, method: str, norms: tuple[str, str]) -> pd.DataFrame:
-    """The plateau check, per norm: over the runs that logged both of the last two
-    evaluations, the mean target accuracy (%) at each, the mean change and the mean absolute
-    change between them (how far single runs still move)."""
-    from domadapt.tables import load_sweep
-
-    _, all_runs, _ = load_sweep(sweep_dir)
+def plateau_frame(all_runs: list[Any], *, method: str, norms: tuple[str, str]) -> pd.DataFrame:
+    """The plateau check, per norm: over the finished runs (`tables.load_sweep`) that logged
+    both of the last two evaluations, the mean target accuracy (%) at each, the mean change
+    and the mean absolute change between them (how far single runs still move)."""
     rows = []
     for norm in norms:
         pairs = []
