@@ -1,4 +1,4 @@
-"""`domadapt gates | analyze | compare | gate-knockout`: analysis of trained runs and sweeps (thin
+"""`domadapt gates | analyze | compare | gate-knockout | evidence | adabn`: analysis of trained runs and sweeps (thin
 wrappers)."""
 
 from __future__ import annotations
@@ -129,6 +129,38 @@ def evidence(
         typer.echo(f"wrote {path}")
 
 
+def adabn(
+    path: Annotated[Path, typer.Argument(
+        help="A finished run directory, or a sweep directory (every finished --adabn run in "
+             "it).", show_default=False)],
+    root: Annotated[str | None, typer.Option(
+        help="Dataset root, if not where the runs found it.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Re-estimate the final target_acc_adabn of finished --adabn runs from their checkpoints
+    with this code (runs whose AdaBN estimate predates a change to it).
+
+    Each checkpoint must first reproduce its run's recorded target accuracy bit for bit (same
+    model, same numerics), else the command stops there with one line, that run unchanged. The new value replaces the old in
+    metrics.json and log.csv's last row; config.json's `reevaluations` records the change.
+    """
+    from domadapt.errors import UserError
+    from domadapt.progress import progress
+    from domadapt.rundir import RunDir as Run
+    from domadapt.rundir import sweep_run_dirs
+    from domadapt.train import reestimate_adabn
+
+    runs = [path] if (path / "config.json").is_file() else sweep_run_dirs(path)
+    if not runs:
+        raise UserError(f"{path}: neither a run directory nor a sweep directory with runs")
+    if path not in runs:  # a sweep: its finished runs trained with --adabn
+        runs = [r for r in runs if Run(r).is_done() and Run(r).read_config()[0].adabn]
+    for run_dir in progress(runs, quiet=quiet, desc="adabn"):
+        before, after = reestimate_adabn(run_dir, device=device, root=root, quiet=True)
+        typer.echo(f"{run_dir}: target_acc_adabn {before!r} -> {after!r}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
     app.command()(gates)
@@ -136,3 +168,4 @@ def register(app: typer.Typer) -> None:
     app.command()(compare)
     app.command("gate-knockout")(gate_knockout)
     app.command()(evidence)
+    app.command()(adabn)

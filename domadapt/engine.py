@@ -336,21 +336,24 @@ class Trainer:
                             holdout=scored.get("source_val"), seed=self.cfg.seed,
                             use_target=target_validators(self.cfg))
         if self.cfg.adabn:
-            checks["target_acc_adabn"] = self._adabn_accuracy()
+            checks["target_acc_adabn"] = self.adabn_accuracy()
         return {"acc": acc, "per_class": per_class_accuracy(logits.argmax(1), labels,
                                                            self.data.classes),
                 "validators": checks, "diagnostics": self.norm.diagnostics(self.model)}
 
-    def _adabn_accuracy(self) -> float | None:
+    def adabn_accuracy(self) -> float | None:
         """Target accuracy with the norm layers' batch statistics re-estimated on each target
-        domain's images (AdaBN, Li et al., 2016); None when the model has no such layers."""
+        domain's images (AdaBN, Li et al., 2016), read in the fixed random order of the run's
+        seed (`nn.adabn`: batches must represent the domain); None when the model has no such
+        layers."""
         if not has_batch_stats(self.model):
             return None
         acc = {}
         for name in self.data.targets:
             batches = (to_device(x, self.device, self.channels_last) for x, _ in
                        eval_loader(self.data.evals[name], 2 * self.cfg.batch_size,
-                                   self.eval_workers, pin_memory=self.device.type == "cuda"))
+                                   self.eval_workers, pin_memory=self.device.type == "cuda",
+                                   seed=self.cfg.seed))
             with self.autocast(), domain_labels(self.model, eval_domain(self.cfg, name)):
                 adapted = adapt_batch_stats(self.model, batches)
             logits, _, labels = self._outputs(adapted, name)

@@ -131,6 +131,21 @@ class RunDir:
                              for k in columns])
         atomic_write_text(self.log_path, buf.getvalue())
 
+    def amend_last_log_row(self, values: dict[str, Any]) -> None:
+        """Replace `values` (existing columns) in the log's last row; every other cell keeps
+        its text exactly."""
+        text = self.log_path.read_text() if self.log_path.is_file() else ""
+        rows = list(csv.reader(io.StringIO(text)))
+        if len(rows) < 2:
+            raise UserError(f"{self.log_path}: no evaluated row")
+        if missing := sorted(set(values) - set(rows[0])):
+            raise UserError(f"{self.log_path}: no column {', '.join(missing)}")
+        for column, value in values.items():
+            rows[-1][rows[0].index(column)] = "" if value is None else str(value)
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(rows)
+        atomic_write_text(self.log_path, buf.getvalue())
+
     def write_table(self, name: str, table: pd.DataFrame) -> None:
         """A CSV record beside the metrics (e.g. gates.csv), written atomically."""
         atomic_write_csv(self.path / name, table, index=False)

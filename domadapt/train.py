@@ -45,7 +45,8 @@ from domadapt.provenance import (
 from domadapt.rundir import LOCK, METRICS, RunDir, run_lock
 from domadapt.settings import RunData, build_data, resolve_config
 
-__all__ = ["NonFiniteLoss", "build_data", "load_trained", "resolve_config", "run"]
+__all__ = ["NonFiniteLoss", "build_data", "load_trained", "reestimate_adabn", "resolve_config",
+           "run"]
 
 T = TypeVar("T")
 
@@ -114,6 +115,62 @@ def load_trained(run_dir: Path, device: str = "cpu", *, require_finished: bool =
     model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["method"].items()
                            if k.startswith(prefix)})
     return cfg, model.to(torch.device(device)).eval()
+
+
+def reestimate_adabn(run_dir: Path, *, device: str = "auto", root: str | None = None,
+                     quiet: bool = True) -> tuple[float | None, float | None]:
+    """Recompute a finished --adabn run's final `target_acc_adabn` from its checkpoint with
+    this code (for runs whose AdaBN estimate predates a change to it). The checkpoint is first
+    evaluated as the run's last evaluation was, and refused (UserError) unless its target
+    accuracy equals metrics.json's bit for bit: the same model under the same numerics. Then
+    the new value replaces the old one in metrics.json and in log.csv's last row (earlier rows
+    keep what was logged at the time), and config.json's `reevaluations` gains an event (time,
+    host, hardware, code, command, what changed from what to what). On CPU it evaluates with
+    the run's recorded torch thread count (reductions over more threads round differently).
+    Returns (before, after)."""
+    rd = RunDir(run_dir)
+    if not rd.is_done():
+        raise UserError(f"{rd.path}: not a finished run (no {METRICS})")
+    cfg, _ = rd.read_config()
+    if not cfg.adabn:
+        raise UserError(f"{rd.path}: trained without --adabn; its records have no AdaBN accuracy")
+    if root is not None:
+        cfg = cfg.replace(root=str(Path(root).resolve()))
+    with distributed_context(device) as ctx, _isolated_rng(ctx.device):
+        if ctx.distributed:
+            raise UserError("re-estimating AdaBN runs in one process, not under torchrun")
+        cfg = resolve_config(cfg)
+        threads = torch.get_num_threads()
+        recorded = rd.read_config_dict().get("runtime", {}).get("threads")
+        with _exclusive(rd, ctx), contextlib.ExitStack() as restore:
+            if ctx.device.type == "cpu" and recorded:
+                torch.set_num_threads(recorded)
+                restore.callback(torch.set_num_threads, threads)
+            data = build_data(cfg)
+            _check_same_data(rd, data)
+            trainer = Trainer(cfg, data, rd, ctx, quiet=quiet)
+            if not trainer.load_checkpoint() or trainer.state.iteration != cfg.iters:
+                raise UserError(f"{rd.checkpoint_path}: no checkpoint of the finished run's "
+                                f"last iteration ({cfg.iters})")
+            evaluation = trainer.evaluate()
+            metrics = rd.read_metrics()
+            if evaluation["acc"]["target"] != metrics["target_acc"]:
+                raise UserError(
+                    f"{rd.path}: the checkpoint scores {evaluation['acc']['target']!r} on the "
+                    f"target, metrics.json records {metrics['target_acc']!r}: another model or "
+                    f"other numerics (CPU kernel set, threads, code); nothing was changed")
+            before = metrics.get("target_acc_adabn")
+            after = evaluation["validators"]["target_acc_adabn"]
+            rd.amend_last_log_row({"target_acc_adabn": after})
+            rd.write_metrics(metrics | {"target_acc_adabn": after})
+            info = rd.read_config_dict()
+            info.setdefault("reevaluations", []).append({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": host_hash(),
+                **hardware(ctx.device), "code": code_version(),
+                "command": portable_command(sys.argv),
+                "changed": {"target_acc_adabn": {"before": before, "after": after}}})
+            rd.write_config(info)
+            return before, after
 
 
 # -- helpers ------------------------------------------------------------------------------------

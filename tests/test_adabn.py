@@ -149,3 +149,44 @@ def test_one_batch_gives_the_two_pass_float64_moments_bit_for_bit():
     var = (xd - mean[None, :, None, None]).square().sum((0, 2, 3)) / (xd.numel() // 3 - 1)
     assert torch.equal(adapted.running_mean, mean.float())
     assert torch.equal(adapted.running_var, var.float())
+
+
+def test_eval_loader_with_a_seed_reads_every_sample_once_in_one_fixed_random_order():
+    from domadapt.data.loaders import eval_loader, fixed_order
+
+    data = torch.utils.data.TensorDataset(torch.arange(40.0), torch.zeros(40))
+    read = [torch.cat([x for x, _ in eval_loader(data, 8, seed=s)]).long().tolist()
+            for s in (3, 3, 4)]
+    assert sorted(read[0]) == list(range(40)) and read[0] != list(range(40))
+    assert read[0] == read[1] == fixed_order(40, 3) != read[2]
+    ordered = torch.cat([x for x, _ in eval_loader(data, 8)]).long().tolist()
+    assert ordered == list(range(40))  # without a seed: the dataset's order
+
+
+def test_batches_of_one_class_bias_the_later_layers_and_a_random_order_does_not():
+    """Each layer normalises its batch by the batch's statistics during the pass, so a later
+    layer's estimate is right only when batches represent the domain. Reference: the exact,
+    layer-consistent statistics (layer 2's input with layer 1 normalised by layer 1's pooled
+    statistics, as the adapted network computes at evaluation)."""
+    from domadapt.data.loaders import fixed_order
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, affine=False), nn.ReLU(),
+                        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, affine=False)).double().train()
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 3, 1, 1, generator=g, dtype=torch.float64) * 3  # 4 classes, far apart
+    x = torch.cat([m + torch.randn(64, 3, 2, 2, generator=g, dtype=torch.float64)
+                   for m in means])  # class-sorted, as a folder-per-class dataset lists them
+    with torch.no_grad():
+        mean1, var1 = _pooled([net[0](x)])
+        h = torch.relu((net[0](x) - mean1.view(1, -1, 1, 1))
+                       / torch.sqrt(var1.view(1, -1, 1, 1) + net[1].eps))
+        exact_mean2, _ = _pooled([net[3](h)])
+
+    def error(order: list[int]) -> float:
+        adapted = adapt_batch_stats(net, list(x[order].split(64)))
+        torch.testing.assert_close(adapted[1].running_mean, mean1)  # layer 1: any order
+        return float((adapted[4].running_mean - exact_mean2).abs().max())
+
+    sorted_error, shuffled_error = error(list(range(len(x)))), error(fixed_order(len(x), 0))
+    assert sorted_error > 10 * shuffled_error

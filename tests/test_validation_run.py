@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from domadapt.config import make_config
+from domadapt.data.loaders import eval_loader
 from domadapt.evaluation import outputs
 from domadapt.nn.adabn import adapt_batch_stats
 from domadapt.settings import build_data, resolve_config
@@ -47,8 +48,9 @@ def test_hold_out_and_adabn_are_logged_and_correct(tmp_path):
     probs = t_logits.softmax(1)
     entropy = float(-(probs * probs.clamp_min(1e-30).log()).sum(1).mean())
     assert log["val_entropy"].iloc[-1] == pytest.approx(entropy, rel=1e-4)
-    adapted = adapt_batch_stats(model, (x for x, _ in torch.utils.data.DataLoader(
-        data.evals["target"], batch_size=16)))
+    # AdaBN reads the target images in the run seed's fixed random order, 2 x batch size:
+    adapted = adapt_batch_stats(model, (x for x, _ in eval_loader(
+        data.evals["target"], 2 * TINY["batch_size"], seed=cfg.seed)))
     a_logits, _, _ = outputs(adapted, data.evals["target"], **kw)
     adabn = float((a_logits.argmax(1) == t_labels).float().mean())
     assert log["target_acc_adabn"].iloc[-1] == pytest.approx(adabn)

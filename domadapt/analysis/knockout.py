@@ -98,7 +98,8 @@ def knockout_run(run_dir: Path, *, device: str = "cpu", root: str | None = None,
 def restat_on_source(model: nn.Module, cfg: RunConfig, *, device: str = "cpu") -> nn.Module:
     """A copy of `model` whose BN / BIN running statistics are re-estimated (`adapt_batch_stats`)
     on the run's source training images with the eval transform (multi-domain: the pooled train
-    splits; dg: the training domains' images trained on). No target image is read."""
+    splits; dg: the training domains' images trained on), in the fixed random order of the
+    run's seed, as AdaBN reads them (`nn.adabn`). No target image is read."""
     from domadapt.data import DomainDataset
     from domadapt.data.loaders import eval_loader
     from domadapt.nn.adabn import adapt_batch_stats
@@ -108,7 +109,7 @@ def restat_on_source(model: nn.Module, cfg: RunConfig, *, device: str = "cpu") -
     images = data.evals["source"] if cfg.setting == "transfer" else DomainDataset(
         data.train["source"].items, next(iter(data.evals.values())).transform)
     batches = (x.to(device) for x, _ in eval_loader(images, 2 * cfg.batch_size,
-                                                     cfg.num_workers))
+                                                     cfg.num_workers, seed=cfg.seed))
     return adapt_batch_stats(model, batches)
 
 

@@ -193,17 +193,25 @@ class InfiniteLoader:
         self._iterator = None
 
 
+def fixed_order(n: int, seed: int) -> list[int]:
+    """One random permutation of range(n), the same for the same seed."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 class EvalLoader:
-    """Ordered batches over the whole dataset (last batch may be smaller), no augmentation seed."""
+    """Batches over the whole dataset, each sample once (last batch may be smaller), no
+    augmentation seed: in the dataset's order, or with `seed` in `fixed_order(len, seed)`."""
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False
+        self, dataset: Dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False,
+        seed: int | None = None,
     ):
         if batch_size <= 0:
             raise UserError(f"batch size must be positive, got {batch_size}")
         self.dataset, self.batch_size = dataset, batch_size
+        order = None if seed is None else fixed_order(len(dataset), seed)  # type: ignore[arg-type]
         self._loader = _data_loader(
-            dataset, num_workers, pin_memory, batch_size=batch_size, shuffle=False
+            dataset, num_workers, pin_memory, batch_size=batch_size, shuffle=False, sampler=order
         )
 
     def __len__(self) -> int:
@@ -215,7 +223,10 @@ class EvalLoader:
 
 
 def eval_loader(
-    dataset: Dataset, batch_size: int, num_workers: int = 0, *, pin_memory: bool = False
+    dataset: Dataset, batch_size: int, num_workers: int = 0, *, pin_memory: bool = False,
+    seed: int | None = None,
 ) -> EvalLoader:
-    """Batches of `dataset` in its order, for evaluation and feature extraction."""
-    return EvalLoader(dataset, batch_size, num_workers, pin_memory)
+    """Batches of `dataset` for evaluation and feature extraction: in its order, or with `seed`
+    in one fixed random order (batches that each represent the whole set, as a pass that
+    normalises every batch by its own statistics needs: AdaBN, `nn.adabn`)."""
+    return EvalLoader(dataset, batch_size, num_workers, pin_memory, seed)

@@ -18,6 +18,15 @@ update, float64), so afterwards
 M = number of values per channel (samples x spatial positions). Unlike momentum=None, which
 averages per-batch means and unbiased variances, this is exact for unequal batch sizes and
 includes the spread between batch means. num_batches_tracked is set to the number of batches.
+
+The batches must each represent the domain. During the pass every adapted layer normalises
+its batch by the batch's own statistics, so what a later layer sees (and accumulates) depends
+on what the batch holds; a batch of one class, as a dataset read in its sorted, class-by-class
+order gives, shows later layers inputs the adapted network never produces at evaluation. The
+callers (`engine`, `analysis.knockout`) therefore read the images in one fixed random order
+(`eval_loader(..., seed=run seed)`). Measured on a PACS DANN + BN run (photo -> cartoon, seed
+0, 1,500 iterations, `results/pacs-long`): 68.2 % target accuracy after AdaBN in the
+class-sorted order, 66.6 % and 66.5 % in two random orders.
 """
 
 from __future__ import annotations
