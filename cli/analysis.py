@@ -151,11 +151,14 @@ def adabn(
     from domadapt.rundir import sweep_run_dirs
     from domadapt.train import reestimate_adabn
 
-    runs = [path] if (path / "config.json").is_file() else sweep_run_dirs(path)
-    if not runs:
-        raise UserError(f"{path}: neither a run directory nor a sweep directory with runs")
-    if path not in runs:  # a sweep: its finished runs trained with --adabn
-        runs = [r for r in runs if Run(r).is_done() and Run(r).read_config()[0].adabn]
+    if (path / "config.json").is_file():
+        runs = [path]
+    else:
+        runs = [r for r in sweep_run_dirs(path)
+                if Run(r).is_done() and Run(r).read_config()[0].adabn]
+        if not runs:
+            raise UserError(f"{path}: neither a run directory nor a sweep directory with "
+                            f"finished --adabn runs")
     for run_dir in progress(runs, quiet=quiet, desc="adabn"):
         before, after = reestimate_adabn(run_dir, device=device, root=root, quiet=True)
         typer.echo(f"{run_dir}: target_acc_adabn {before!r} -> {after!r}")
