@@ -1,5 +1,5 @@
-"""`domadapt gates | analyze | compare | gate-knockout | evidence | adabn`: analysis of trained runs and sweeps (thin
-wrappers)."""
+"""`domadapt gates | analyze | compare | gate-knockout | evidence | adabn`: analysis of trained
+runs and sweeps (thin wrappers)."""
 
 from __future__ import annotations
 
@@ -142,8 +142,9 @@ def adabn(
     with this code (runs whose AdaBN estimate predates a change to it).
 
     Each checkpoint must first reproduce its run's recorded target accuracy bit for bit (same
-    model, same numerics), else the command stops there with one line, that run unchanged. The new value replaces the old in
-    metrics.json and log.csv's last row; config.json's `reevaluations` records the change.
+    model, same numerics), else the command stops there with one line, that run unchanged.
+    The new value replaces the old in metrics.json and log.csv's last row; config.json's
+    `reevaluations` records the change.
     """
     from domadapt.errors import UserError
     from domadapt.progress import progress

@@ -336,12 +336,12 @@ class Trainer:
                             holdout=scored.get("source_val"), seed=self.cfg.seed,
                             use_target=target_validators(self.cfg))
         if self.cfg.adabn:
-            checks["target_acc_adabn"] = self.adabn_accuracy()
+            checks["target_acc_adabn"] = self._adabn_accuracy()
         return {"acc": acc, "per_class": per_class_accuracy(logits.argmax(1), labels,
                                                            self.data.classes),
                 "validators": checks, "diagnostics": self.norm.diagnostics(self.model)}
 
-    def adabn_accuracy(self) -> float | None:
+    def _adabn_accuracy(self) -> float | None:
         """Target accuracy with the norm layers' batch statistics re-estimated on each target
         domain's images (AdaBN, Li et al., 2016), read in the fixed random order of the run's
         seed (`nn.adabn`: batches must represent the domain); None when the model has no such

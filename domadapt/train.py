@@ -165,9 +165,7 @@ def reestimate_adabn(run_dir: Path, *, device: str = "auto", root: str | None = 
             rd.write_metrics(metrics | {"target_acc_adabn": after})
             info = rd.read_config_dict()
             info.setdefault("reevaluations", []).append({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": host_hash(),
-                **hardware(ctx.device), "code": code_version(),
-                "command": portable_command(sys.argv),
+                "time": _now(), **_who(ctx),
                 "changed": {"target_acc_adabn": {"before": before, "after": after}}})
             rd.write_config(info)
             return before, after
@@ -213,9 +211,7 @@ def _record_launch(cfg: RunConfig, data: RunData, rd: RunDir, ctx: DistContext,
     """config.json: the first start writes the resolved config, its key, the data (with its
     fingerprint), the provenance and the runtime; a later start (a resume) only appends an
     event to `resumes`, so what the first start recorded stays."""
-    event = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "iteration": iteration,
-             "host": host_hash(), **hardware(ctx.device), "code": code_version(),
-             "command": portable_command(sys.argv)}
+    event = {"time": _now(), "iteration": iteration, **_who(ctx)}
     if rd.has_config():
         info = rd.read_config_dict()
         info.setdefault("resumes", []).append(event)
@@ -243,6 +239,17 @@ def _record_launch(cfg: RunConfig, data: RunData, rd: RunDir, ctx: DistContext,
         },
         "resumes": [],
     })
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _who(ctx: DistContext) -> dict[str, Any]:
+    """What an event in config.json records about who wrote it: host hash, hardware, code,
+    command."""
+    return {"host": host_hash(), **hardware(ctx.device), "code": code_version(),
+            "command": portable_command(sys.argv)}
 
 
 @contextlib.contextmanager
