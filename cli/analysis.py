@@ -1,5 +1,5 @@
-"""`domadapt gates | analyze | compare | gate-knockout | evidence | adabn`: analysis of trained
-runs and sweeps (thin wrappers)."""
+"""`domadapt gates | analyze | compare | gate-knockout | evidence | adabn | export-backbone`:
+analysis and reuse of trained runs and sweeps (thin wrappers)."""
 
 from __future__ import annotations
 
@@ -165,6 +165,22 @@ def adabn(
         typer.echo(f"{run_dir}: target_acc_adabn {before!r} -> {after!r}")
 
 
+def export_backbone(
+    run_dir: RunDir,
+    out: Annotated[Path, typer.Argument(help="The state dict file to write (.pth).",
+                                        show_default=False)],
+) -> None:
+    """Write a finished BN run's trained backbone as a state dict for `--pretrained OUT`.
+
+    Two-stage training: e.g. a source-only BN run first, then adaptation runs (BN or BIN)
+    that start from its backbone. BIN and the other converted norms are refused with one line.
+    """
+    from domadapt.train import export_backbone as export
+
+    count = export(run_dir, out)
+    typer.echo(f"wrote {out} ({count} tensors): use it with --pretrained {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
     app.command()(gates)
@@ -173,3 +189,4 @@ def register(app: typer.Typer) -> None:
     app.command("gate-knockout")(gate_knockout)
     app.command()(evidence)
     app.command()(adabn)
+    app.command("export-backbone")(export_backbone)

@@ -71,7 +71,8 @@ class RunConfig:
     method: str = config_field("dann", "training method (`domadapt methods` lists them)")
     norm: str = config_field("bn", "normalization kind (`domadapt methods` lists them)")
     backbone: str = config_field("resnet50", "torchvision BN model name, digitnet or timm:<name>")
-    pretrained: str = config_field("imagenet", "imagenet | none | PATH (state dict)")
+    pretrained: str = config_field("imagenet", "imagenet | none | PATH (state dict; in a "
+                                   "sweep, {source} in PATH becomes each task's source domain)")
     pretrained_sha256: str | None = config_field(
         None, "sha256 of the --pretrained file (filled in by `with_weights_hash`); when set, "
         "the run key hashes the weights instead of the path that named them", cli=False)

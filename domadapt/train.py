@@ -31,6 +31,7 @@ from domadapt.data.registry import check_outside_root
 from domadapt.distributed import DistContext, distributed_context
 from domadapt.engine import NonFiniteLoss, Trainer
 from domadapt.errors import UserError
+from domadapt.io import atomic_torch_save
 from domadapt.models import DomainAdaptModel, build_model
 from domadapt.nn.bin import BatchInstanceNorm2d
 from domadapt.nn.bin_kernel import kernel_info
@@ -115,6 +116,21 @@ def load_trained(run_dir: Path, device: str = "cpu", *, require_finished: bool =
     model.load_state_dict({k[len(prefix):]: v for k, v in ckpt["method"].items()
                            if k.startswith(prefix)})
     return cfg, model.to(torch.device(device)).eval()
+
+
+def export_backbone(run_dir: Path, out: Path) -> int:
+    """Write a finished `--norm bn` run's trained backbone to `out` as a state dict that
+    `--pretrained OUT` loads (two-stage training: a source-only BN model first, then an
+    adaptation run, with any norm, that starts from it). Other norms are refused: their
+    converted layers hold tensors (BIN's gates, IBN's instance halves) that a backbone built
+    with BatchNorm, as `--pretrained` loads it, does not have. Returns the number of tensors."""
+    cfg, model = load_trained(run_dir)
+    if cfg.norm != "bn":
+        raise UserError(f"{run_dir}: a --norm {cfg.norm} run; only BN runs export a backbone "
+                        f"that --pretrained can load")
+    state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    atomic_torch_save(state, out)
+    return len(state)
 
 
 def reestimate_adabn(run_dir: Path, *, device: str = "auto", root: str | None = None,

@@ -143,6 +143,29 @@ def test_grid_applies_preset_then_options() -> None:
     assert (cell.backbone, cell.iters, cell.seed) == ("digitnet", 7, 3)
 
 
+def test_grid_pretrained_per_source(tmp_path: Path) -> None:
+    """`{source}` in --pretrained: each transfer cell starts from its own source's weights, and
+    its key hashes that file's content."""
+    import torch
+
+    for i, domain in enumerate(DOMAINS[:2]):
+        torch.save({"w": torch.full((2,), float(i))}, tmp_path / f"{domain}.pth")
+    template = str(tmp_path / "{source}.pth")
+    tasks = [(DOMAINS[0], DOMAINS[1]), (DOMAINS[1], DOMAINS[0])]
+    cells = build_grid(tasks, ["dann"], ["bn", "bin"], [0], multidomain=False,
+                       dataset="toy", pretrained=template)
+    assert [c.pretrained for c in cells] == [str(tmp_path / f"{s}.pth")
+                                             for s, _ in tasks for _ in "ab"]
+    assert len({c.pretrained_sha256 for c in cells}) == 2 and None not in {
+        c.pretrained_sha256 for c in cells}
+    with pytest.raises(UserError, match="multi-domain and dg cells have none"):
+        build_grid(tasks, ["dann"], ["bn"], [0], multidomain=True, dataset="toy",
+                   pretrained=template)
+    with pytest.raises(UserError, match=f"no file .*{DOMAINS[2]}.pth for source {DOMAINS[2]}"):
+        build_grid([(DOMAINS[2], DOMAINS[0])], ["dann"], ["bn"], [0], multidomain=False,
+                   dataset="toy", pretrained=template)
+
+
 @pytest.mark.parametrize("text, option, message", [
     ("", "--methods", "--methods is empty"), (" , ", "--norms", "--norms is empty")])
 def test_split_list_empty(text: str, option: str, message: str) -> None:

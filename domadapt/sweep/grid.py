@@ -12,6 +12,8 @@ from domadapt.config import RunConfig, make_config
 from domadapt.errors import UserError
 from domadapt.tables import Layout, dataset_layout
 
+SOURCE_FIELD = "{source}"  # in --pretrained: each transfer cell's source domain
+
 
 @dataclass(frozen=True)
 class SweepPlan:
@@ -79,18 +81,39 @@ def build_grid(
     """Every cell: seeds outermost (a whole seed finishes first), then tasks, methods, norms;
     with `multidomain`, one multi-domain cell per norm follows, then one leave-one-domain-out
     (dg) cell per held-out domain in `dg_domains` and norm. Multi-domain and dg cells are
-    source-only (ERM). `options` are RunConfig fields (None = preset/default)."""
+    source-only (ERM). `options` are RunConfig fields (None = preset/default); a `{source}`
+    in `pretrained` becomes each transfer cell's source domain (`_of_source`)."""
     cells = []
+    pretrained = options.pop("pretrained", None)
     for seed in seeds:
         cells += [make_config(preset, **options, setting="transfer", source=s, target=t,
-                              method=m, norm=n, seed=seed)
+                              method=m, norm=n, seed=seed,
+                              pretrained=_of_source(pretrained, s))
                   for s, t in tasks for m in methods for n in norms]
-        erm = {**options, "method": "source-only", "seed": seed}
+        if not multidomain and not dg_domains:
+            continue
+        erm = {**options, "pretrained": _of_source(pretrained, None), "method": "source-only",
+               "seed": seed}
         if multidomain:
             cells += [make_config(preset, **erm, setting="multidomain", norm=n) for n in norms]
         cells += [make_config(preset, **erm, setting="dg", target=d, norm=n)
                   for d in dg_domains for n in norms]
     return cells
+
+
+def _of_source(pretrained: str | None, source: str | None) -> str | None:
+    """`--pretrained` for a cell with this source domain: `{source}` in the path replaced by it
+    (two-stage sweeps: each task starts from its own source's model, e.g. exported with
+    `domadapt export-backbone`). Cells without one source (multi-domain, dg): UserError."""
+    if pretrained is None or SOURCE_FIELD not in pretrained:
+        return pretrained
+    if source is None:
+        raise UserError(f"--pretrained {pretrained}: {SOURCE_FIELD} names one source domain; "
+                        f"multi-domain and dg cells have none")
+    path = pretrained.replace(SOURCE_FIELD, source)
+    if not Path(path).expanduser().is_file():
+        raise UserError(f"--pretrained {pretrained}: no file {path} for source {source}")
+    return path
 
 
 def _applicable(configs: list[RunConfig]
