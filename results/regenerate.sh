@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 D=${DOMADAPT:-.venv/bin/domadapt}
 for sweep in pacs pacs/long pacs/gate-rule-layer pacs-gates/base pacs-gates/layer \
              pacs-sketch-seeds styledigits-methods styledigits-selection styledigits-norms \
-             pacs-long pacs-dg; do
+             pacs-long pacs-dg styledigits-regimes/stage1 styledigits-regimes/scratch \
+             styledigits-regimes/pretrained styledigits-regimes/finetune \
+             styledigits-regimes/pacs-scratch styledigits-regimes/pacs-scratch-lr1; do
     dir=results/$sweep
     [ -d "$dir/runs" ] || continue
     $D tables "$dir" > /dev/null
@@ -20,6 +22,11 @@ for sweep in pacs pacs/long pacs/gate-rule-layer pacs-gates/base pacs-gates/laye
 done
 $D versus results/pacs results/pacs/gate-rule-layer --out results/pacs/gate-rule-layer > /dev/null
 $D versus results/pacs results/pacs/long --out results/pacs/long > /dev/null
+R=results/styledigits-regimes
+$D versus $R/scratch $R/pretrained --out $R/pretrained > /dev/null
+$D versus $R/pretrained $R/finetune --out $R/finetune > /dev/null
+$D versus results/pacs $R/pacs-scratch --out $R/pacs-scratch > /dev/null
+$D versus results/pacs $R/pacs-scratch-lr1 --out $R/pacs-scratch-lr1 > /dev/null
 for sweep in pacs pacs/long pacs-long; do
     compgen -G "results/$sweep/runs/*/gate_knockout.json" > /dev/null || continue
     $D gate-knockout "results/$sweep" --quiet > /dev/null
