@@ -77,7 +77,7 @@ def test_a_bin_run_is_refused_with_one_line_and_nothing_written(run_cli, tmp_pat
     assert "Traceback" not in text + err
 
 
-def test_an_unfinished_or_missing_run_is_one_line(run_cli, tmp_path):
+def test_a_missing_run_is_one_line(run_cli, tmp_path):
     code, _, err = run_cli("export-backbone", tmp_path / "nothing", tmp_path / "x.pth")
     assert code != 0 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
