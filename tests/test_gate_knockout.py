@@ -11,7 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from domadapt.analysis.knockout import RECORD, restat_on_source, set_gates
+from domadapt.analysis.knockout import (
+    RECORD,
+    restat_on_source,
+    restat_on_training_mix,
+    set_gates,
+)
 from domadapt.analysis.report import analysis_sets
 from domadapt.evaluation import accuracy, predict
 from domadapt.nn import BatchInstanceNorm2d
@@ -93,6 +98,10 @@ def test_knockout_scores_each_bin_run_both_ways(sweep, run_cli) -> None:
                   "variant BIN gates=1 restat - BN", "task means", "domadapt gate-knockout"):
         assert label in md
     assert frame.acc_gates_one_restat.notna().all()
+    # the training-mix variant: only where training normalised source + target batches
+    mix = frame.acc_gates_one_restat_train.notna()
+    assert list(mix) == list((frame.setting == "transfer") & (frame.method == "dann"))
+    assert "variant BIN - BIN gates=1 restat train (method=dann)" in md
 
 
 def test_restat_knockout_restores_a_converted_bn_network(sweep) -> None:
@@ -115,6 +124,66 @@ def test_restat_knockout_restores_a_converted_bn_network(sweep) -> None:
     with torch.no_grad():
         torch.testing.assert_close(knocked(x), reference(x), rtol=1e-5, atol=1e-5)
         assert not torch.allclose(converted(x)[0], reference(x)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_training_mix_reads_source_and_target_halves(sweep, monkeypatch) -> None:
+    """The training-mix re-estimate sees batches [x_s; x_t] of batch_size images a side, as
+    DANN's forward does, until the larger domain is read once (the smaller one again from
+    its start), every image of both with the eval transform."""
+    from domadapt.data import DomainDataset
+    from domadapt.nn import adabn
+    from domadapt.settings import build_data
+
+    runs = pd.read_csv(sweep / "runs.csv")
+    run_dir = sweep / runs[(runs.norm == "bin") & (runs.method == "dann")].run_dir.iloc[0]
+    cfg, model = load_trained(run_dir)
+    cfg = cfg.replace(source_val_fraction=0.1)  # domains of unequal size (styledigits' are equal)
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(adabn, "adapt_batch_stats", lambda m, batches: seen.extend(batches))
+    restat_on_training_mix(model, cfg)
+    data = build_data(cfg)
+    transform = data.evals["target"].transform
+    halves = {}
+    for name in ("source", "target"):
+        images = DomainDataset(data.train[name].items, transform)
+        halves[name] = torch.stack([images[i][0] for i in range(len(images))]).flatten(1)
+    b, sizes = cfg.batch_size, {k: len(v) for k, v in halves.items()}
+    assert sizes["source"] != sizes["target"]
+    assert len(seen) == -(-max(sizes.values()) // b)
+    assert all(len(batch) == 2 * b for batch in seen)
+    for name, part in (("source", slice(None, b)), ("target", slice(b, None))):
+        got = torch.cat([batch[part] for batch in seen]).flatten(1)
+        images = halves[name]
+        match = torch.cdist(got, images).argmin(1)
+        torch.testing.assert_close(got, images[match])  # each row one of the domain's images
+        assert set(match.tolist()) == set(range(sizes[name]))  # every image read
+        if sizes[name] == max(sizes.values()):  # the larger domain once, then from its start
+            assert match[:sizes[name]].unique().numel() == sizes[name]
+
+
+def test_a_record_gains_missing_variants_and_keeps_the_others(sweep, run_cli) -> None:
+    runs = pd.read_csv(sweep / "runs.csv")
+    run_dir = sweep / runs[(runs.norm == "bin") & (runs.method == "dann")].run_dir.iloc[0]
+    code, _, err = run_cli("gate-knockout", sweep, "--quiet")
+    assert code == 0, err
+    record = json.loads((run_dir / RECORD).read_text())
+    cfg, model = load_trained(run_dir)
+    set_gates(model, 1.0)
+    knocked = restat_on_training_mix(model, cfg)
+    sets, (target,), _ = analysis_sets(cfg)
+    preds, labels = predict(knocked, sets[target], batch_size=2 * cfg.batch_size, num_workers=0,
+                            device=torch.device("cpu"))
+    assert record["gates_one_restat_train"][target] == pytest.approx(accuracy(preds, labels))
+    # an older record (no training-mix variant, a marked trained score): only the missing
+    # variant is evaluated, what the record holds is kept
+    old = {k: v for k, v in record.items() if k != "gates_one_restat_train"}
+    old["trained"] = {target: 0.125}
+    (run_dir / RECORD).write_text(json.dumps(old))
+    code, _, err = run_cli("gate-knockout", sweep, "--quiet")
+    assert code == 0, err
+    again = json.loads((run_dir / RECORD).read_text())
+    assert again == old | {"gates_one_restat_train": record["gates_one_restat_train"]}
+    (run_dir / RECORD).write_text(json.dumps(record))
 
 
 def test_summary_is_rebuilt_from_records_without_checkpoints(sweep, run_cli) -> None:

@@ -2,14 +2,22 @@
 
 A BIN layer computes y = gamma * (rho * BN(x) + (1 - rho) * IN(x)) + beta. Setting every gate
 to 1 leaves y = gamma * BN(x) + beta in every layer: the same weights, the batch path alone.
-Each BIN run is evaluated three times on its scored domains (transfer: the target; multi-domain:
-every domain's test split, averaged):
+Each BIN run is evaluated up to four times on its scored domains (transfer: the target;
+multi-domain: every domain's test split, averaged):
 
     trained             the gates as trained
     gates=1             every gate 1, running statistics unchanged ("as-is")
     gates=1 restat      every gate 1 and every BN running mean / variance re-estimated on the
                         run's source training images (eval transform; multi-domain: the pooled
                         train splits), exactly as AdaBN does (`nn.adabn`); no target image
+    gates=1 restat train
+                        (transfer runs of a method that trains on target images, e.g. DANN)
+                        every gate 1 and the statistics re-estimated on what training
+                        normalised: batches [x_s; x_t] of batch_size source and batch_size
+                        target training images each (eval transform, no label), as DANN's
+                        forward concatenates them. Exploratory: added after the interim
+                        results of results/pacs-long (not in its pre-registration), because
+                        `restat` also moves a DANN model's statistics toward the source domain
 
 and the comparisons are
 
@@ -19,7 +27,12 @@ and the comparisons are
                                in): a drop here cannot tell the two apart
     trained - gates=1 restat   the same with that shift removed: the later layers' statistics
                                match the batch-only network again, so what is left is what the
-                               IN share carries (and the network's fit to it)
+                               IN share carries (and the network's fit to it); for a model
+                               trained on source + target batches (DANN) the statistics also
+                               move from the training mix toward the source domain
+    trained - gates=1 restat train
+                               the shift removed without that move: the batch-only network with
+                               statistics of the images it was trained on, as it was trained
     gates=1 [restat] - BN      the BIN model's batch path against the BN run of the same task,
                                method and seed
     trained - BN               the usual BIN - BN difference (as in comparison.md)
@@ -47,12 +60,15 @@ from domadapt.io import atomic_write_json, read_json
 
 RECORD = "gate_knockout.json"
 TRAINED, GATES_ONE, RESTAT, BN = "BIN", "BIN gates=1", "BIN gates=1 restat", "BN"
-COMPARISONS = ((TRAINED, GATES_ONE), (TRAINED, RESTAT), (GATES_ONE, BN), (RESTAT, BN),
-               (TRAINED, BN))
-VARIANTS = ("trained", "gates_one", "gates_one_restat")  # the record's keys, in order
+RESTAT_TRAIN = "BIN gates=1 restat train"
+COMPARISONS = ((TRAINED, GATES_ONE), (TRAINED, RESTAT), (TRAINED, RESTAT_TRAIN), (GATES_ONE, BN),
+               (RESTAT, BN), (RESTAT_TRAIN, BN), (TRAINED, BN))
+# the record's keys, in order, with their labels
+VARIANTS = {"trained": TRAINED, "gates_one": GATES_ONE, "gates_one_restat": RESTAT,
+            "gates_one_restat_train": RESTAT_TRAIN}
 MULTIDOMAIN_ROW = "Avg"  # a multi-domain run's mean over its domains, as in comparison.md
-COLUMNS = ("setting", "task", "method", "seed", "mean_gate", "acc_trained", "acc_gates_one",
-           "acc_gates_one_restat", "acc_bn", "run_dir")
+COLUMNS = ("setting", "task", "method", "seed", "mean_gate",
+           *(f"acc_{v}" for v in VARIANTS), "acc_bn", "run_dir")
 
 
 def set_gates(model: nn.Module, value: float) -> int:
@@ -66,11 +82,22 @@ def set_gates(model: nn.Module, value: float) -> int:
     return len(layers)
 
 
+def applicable_variants(setting: str, method: str) -> tuple[str, ...]:
+    """The VARIANTS a run of `setting` and `method` is evaluated in: `gates_one_restat_train`
+    only for transfer runs of a method that trains on target images (elsewhere training
+    normalised the source images alone, which `gates_one_restat` already re-estimates on)."""
+    from domadapt.methods import get_method
+
+    mix = setting == "transfer" and get_method(method).uses_target
+    return tuple(v for v in VARIANTS if mix or v != "gates_one_restat_train")
+
+
 def knockout_run(run_dir: Path, *, device: str = "cpu", root: str | None = None,
-                 quiet: bool = False) -> dict[str, Any]:
-    """Evaluate a finished BIN run in the three VARIANTS (module docstring); write and return
-    the record {"iters", "trained": {domain: acc}, "gates_one": {...},
-    "gates_one_restat": {...}} (accuracies as fractions)."""
+                 quiet: bool = False, keep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a finished BIN run in its `applicable_variants` (module docstring); write and
+    return the record {"iters", "trained": {domain: acc}, "gates_one": {...}, ...}
+    (accuracies as fractions). `keep`: an earlier record of the same iteration whose variants
+    are kept as they are; only the missing ones are evaluated."""
     from domadapt.analysis.report import analysis_sets, load_run
     from domadapt.evaluation import accuracy, predict
     from domadapt.progress import progress
@@ -79,16 +106,21 @@ def knockout_run(run_dir: Path, *, device: str = "cpu", root: str | None = None,
     if root is not None:
         cfg = cfg.replace(root=str(Path(root).resolve()))
     sets, scored, _ = analysis_sets(cfg)
-    models = {"trained": model}
-    models["gates_one"] = copy.deepcopy(model)
-    if set_gates(models["gates_one"], 1.0) == 0:
+    gates_one = copy.deepcopy(model)
+    if set_gates(gates_one, 1.0) == 0:
         raise UserError(f"{run_dir}: the run has no BIN layers (norm={cfg.norm})")
-    models["gates_one_restat"] = restat_on_source(models["gates_one"], cfg, device=device)
+    build = {"trained": lambda: model, "gates_one": lambda: gates_one,
+             "gates_one_restat": lambda: restat_on_source(gates_one, cfg, device=device),
+             "gates_one_restat_train": lambda: restat_on_training_mix(gates_one, cfg,
+                                                                      device=device)}
     record: dict[str, Any] = {"iters": cfg.iters}
-    for name in VARIANTS:
-        record[name] = {}
+    for name in applicable_variants(cfg.setting, cfg.method):
+        if keep and name in keep:
+            record[name] = keep[name]
+            continue
+        variant, record[name] = build[name](), {}
         for domain in progress(scored, quiet=quiet, desc=f"{run_dir.name} {name}", leave=False):
-            preds, labels = predict(models[name], sets[domain], batch_size=2 * cfg.batch_size,
+            preds, labels = predict(variant, sets[domain], batch_size=2 * cfg.batch_size,
                                     num_workers=cfg.num_workers, device=torch.device(device))
             record[name][domain] = accuracy(preds, labels)
     atomic_write_json(run_dir / RECORD, record)
@@ -113,6 +145,36 @@ def restat_on_source(model: nn.Module, cfg: RunConfig, *, device: str = "cpu") -
     return adapt_batch_stats(model, batches)
 
 
+def restat_on_training_mix(model: nn.Module, cfg: RunConfig, *,
+                           device: str = "cpu") -> nn.Module:
+    """A copy of `model` whose BN / BIN running statistics are re-estimated (`adapt_batch_stats`)
+    on batches [x_s; x_t] as a transfer method that trains on target images normalises them:
+    batch_size source and batch_size target training images each (eval transform; no label is
+    read). Each domain is read in the fixed random order of the run's seed, repeated, for
+    ceil(larger domain / batch_size) batches: the larger domain is read once (its last batch
+    filled from its start), the smaller one as often as that takes."""
+    from domadapt.data import DomainDataset
+    from domadapt.data.loaders import eval_loader, fixed_order
+    from domadapt.nn.adabn import adapt_batch_stats
+    from domadapt.settings import build_data
+
+    data = build_data(cfg)
+    if cfg.setting != "transfer" or "target" not in data.train:
+        raise UserError(f"--method {cfg.method} ({cfg.setting}) does not train on target "
+                        "images: there is no source + target mix to re-estimate on")
+    domains = [data.train["source"].items, data.train["target"].items]
+    b = cfg.batch_size
+    n = b * -(-max(len(items) for items in domains) // b)
+    transform = data.evals["target"].transform
+    loaders = []
+    for items in domains:
+        order = fixed_order(len(items), cfg.seed)
+        stream = [items[order[i % len(items)]] for i in range(n)]
+        loaders.append(eval_loader(DomainDataset(stream, transform), b, cfg.num_workers))
+    return adapt_batch_stats(model, (torch.cat([xs, xt]).to(device)
+                                     for (xs, _), (xt, _) in zip(*loaders, strict=True)))
+
+
 def knockout_frame(sweep_dir: Path, *, device: str = "cpu", root: str | None = None,
                    quiet: bool = False) -> tuple[pd.DataFrame, int]:
     """(one row per finished BIN run with a record, COLUMNS, accuracies in percent; the number
@@ -133,11 +195,13 @@ def knockout_frame(sweep_dir: Path, *, device: str = "cpu", root: str | None = N
         record = read_json(path) if path.is_file() else {}
         current = record.get("iters") == run.config["iters"]
         has_checkpoint = RunDir(run.run_dir).checkpoint_path.is_file()
-        if current and (VARIANTS[-1] in record or not has_checkpoint):
-            records[run.run_dir] = record  # a record made before the restat variant: as it is
-        elif has_checkpoint:
+        complete = all(v in record for v in applicable_variants(run.config["setting"],
+                                                                run.config["method"]))
+        if current and (complete or not has_checkpoint):
+            records[run.run_dir] = record  # one made before a variant existed: as it is
+        elif has_checkpoint:  # the missing variants are evaluated, the others kept
             records[run.run_dir] = knockout_run(run.run_dir, device=device, root=root,
-                                                quiet=quiet)
+                                                quiet=quiet, keep=record if current else None)
         else:
             missing += 1
 
@@ -163,11 +227,10 @@ def knockout_comparison(frame: pd.DataFrame) -> pd.DataFrame:
     from domadapt.tables import COMPARISON_COLUMNS, stack_comparison
 
     long = frame.melt(id_vars=["setting", "task", "method", "seed"],
-                      value_vars=["acc_trained", "acc_gates_one", "acc_gates_one_restat",
-                                  "acc_bn"],
+                      value_vars=[*(f"acc_{v}" for v in VARIANTS), "acc_bn"],
                       var_name="variant", value_name="accuracy").dropna(subset=["accuracy"])
-    long["variant"] = long["variant"].map({"acc_trained": TRAINED, "acc_gates_one": GATES_ONE,
-                                           "acc_gates_one_restat": RESTAT, "acc_bn": BN})
+    long["variant"] = long["variant"].map(
+        {f"acc_{v}": label for v, label in VARIANTS.items()} | {"acc_bn": BN})
     long["accuracy"] = long["accuracy"].round(9)
     order = {t: i for i, t in enumerate(dict.fromkeys(frame["task"]))}
     records: list[dict[str, Any]] = []
@@ -193,11 +256,16 @@ NOTE = (
     "splits, row `Avg`), at the run's last iteration; `BN`: the BN run of the same task, method "
     "and seed. `BIN - BIN gates=1` mixes what the instance-normalised share (1 - rho) IN(x) "
     "contributes at test time with the statistics shift its removal causes in later layers; "
-    "`BIN - BIN gates=1 restat` removes that shift. `... - BN` compares the BIN model's batch "
+    "`BIN - BIN gates=1 restat` removes that shift, but for a model trained on source + target "
+    "batches (DANN) it also moves the statistics toward the source domain. `BIN gates=1 restat "
+    "train` (transfer runs of methods that train on target images; exploratory, added after "
+    "the interim results of results/pacs-long, not pre-registered) re-estimates them on batches "
+    "of source + target training images as training normalised them (no label): the shift "
+    "removed without that move. `... - BN` compares the BIN model's batch "
     "path with a BN model. Differences in percentage points, paired by task and seed; "
     "intervals and tests as in comparison.md (row `task means`: the tasks as the units). "
-    "Records made before the restat variant existed (no checkpoint left to re-evaluate) have "
-    "no restat column; their rows are left out of the restat comparisons.")
+    "Records made before a variant existed (no checkpoint left to re-evaluate) lack its "
+    "column; their rows are left out of that variant's comparisons.")
 
 
 def knockout_report(sweep_dir: str | Path, *, device: str = "cpu", root: str | None = None,
